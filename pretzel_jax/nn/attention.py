@@ -1,0 +1,164 @@
+"""Multi-head / grouped-query attention with an explicit fixed-size KV cache.
+
+Masks are built from slot indices, so the same code serves training (no cache), one-token decoding
+and chunked decoding (a chunk of T tokens written at the cache's index) inside `jit`:
+- causal: key slot <= query slot;
+- segments (packed documents): query and key share a segment id;
+- prefix: keys in slots < prefix_len[b] are visible to every query (prefix-LM);
+- key padding: `kv_mask` (B, S) marks valid keys; the cache stores it with k and v, so a padded
+  context stays masked during decoding.
+A fixed cache size keeps decode-step shapes static: one compile, and the cost of a step does not
+depend on its position.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from pretzel_jax.nn.layers import Dense
+from pretzel_jax.nn.rope import apply_rope
+from pretzel_jax.nn.sharding import constrain
+
+NEG_INF = -1e30
+
+
+@struct.dataclass
+class KVCache:
+    """k, v: (B, S, kv_heads, head_dim); kv_mask: (B, S) valid keys; index: next slot to write."""
+
+    k: jax.Array
+    v: jax.Array
+    kv_mask: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, batch: int, size: int, kv_heads: int, head_dim: int, dtype=jnp.float32):
+        zeros = jnp.zeros((batch, size, kv_heads, head_dim), dtype)
+        return cls(zeros, zeros, jnp.zeros((batch, size), bool), jnp.zeros((), jnp.int32))
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[1]
+
+    def write(self, k: jax.Array, v: jax.Array, kv_mask: jax.Array) -> KVCache:
+        """Write T new entries at `index` (a failed Jacobi iterate is simply overwritten later by
+        writing at the same index again)."""
+        i = self.index
+        return KVCache(
+            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), (0, i, 0, 0)),
+            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), (0, i, 0, 0)),
+            kv_mask=jax.lax.dynamic_update_slice(self.kv_mask, kv_mask, (0, i)),
+            index=i + k.shape[1],
+        )
+
+    def at(self, index) -> KVCache:
+        """The same buffers with the write index moved (e.g. rolled back for a Jacobi retry)."""
+        return self.replace(index=jnp.asarray(index, jnp.int32))
+
+
+def make_mask(
+    q_slots: jax.Array,
+    kv_slots: jax.Array,
+    *,
+    causal: bool = True,
+    kv_mask: jax.Array | None = None,
+    q_segments: jax.Array | None = None,
+    kv_segments: jax.Array | None = None,
+    prefix_len: jax.Array | None = None,
+) -> jax.Array:
+    """Boolean (B, T, S) mask: True where query t may attend to key s. Slots are (B, T)/(B, S)
+    or broadcastable (T,)/(S,)."""
+    q = jnp.atleast_2d(q_slots)[:, :, None]
+    k = jnp.atleast_2d(kv_slots)[:, None, :]
+    mask = k <= q if causal else jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), bool)
+    if prefix_len is not None:
+        mask = mask | (k < prefix_len[:, None, None])
+    if q_segments is not None and kv_segments is not None:
+        mask = mask & (q_segments[:, :, None] == kv_segments[:, None, :])
+    if kv_mask is not None:
+        mask = mask & kv_mask[:, None, :]
+    return mask
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+) -> jax.Array:
+    """q (B,T,H,D), k/v (B,S,KVH,D), mask (B,T,S) -> (B,T,H,D). Softmax in fp32; a query whose
+    keys are all masked returns zeros rather than NaN."""
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, t, kvh, h // kvh, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    m = mask[:, None, None, :, :]
+    logits = jnp.where(m, logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(m, probs, 0.0).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+    """Self-attention with separate q/k/v projections (GQA when kv_heads < heads)."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        *,
+        kv_heads: int | None = None,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        rope_interleaved: bool = False,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+        compute_dtype=jnp.float32,
+    ):
+        kv_heads = kv_heads or heads
+        if heads % kv_heads:
+            raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+        kw = dict(rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.q = Dense(dim, heads * head_dim, axes=("embed", "heads"), use_bias=qkv_bias, **kw)
+        self.k = Dense(dim, kv_heads * head_dim, axes=("embed", "kv_heads"), use_bias=qkv_bias, **kw)
+        self.v = Dense(dim, kv_heads * head_dim, axes=("embed", "kv_heads"), use_bias=qkv_bias, **kw)
+        self.o = Dense(heads * head_dim, dim, axes=("heads", "embed"), use_bias=out_bias, **kw)
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.rope_interleaved = rope_interleaved
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        rope: tuple[jax.Array, jax.Array] | None = None,
+        mask: jax.Array | None = None,
+        kv_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        causal: bool = True,
+        scale: float | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """x (B, T, dim). Without a cache, `mask` (B, T, T) defaults to causal + kv_mask. With a
+        cache, the T tokens are written at cache.index and attend to the cache (causal by slot);
+        `kv_mask` (B, T) marks which of the new tokens are valid keys."""
+        b, t, _ = x.shape
+        q = self.q(x).reshape(b, t, self.heads, self.head_dim)
+        k = self.k(x).reshape(b, t, self.kv_heads, self.head_dim)
+        v = self.v(x).reshape(b, t, self.kv_heads, self.head_dim)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        if rope is not None:
+            q = apply_rope(q, *rope, interleaved=self.rope_interleaved)
+            k = apply_rope(k, *rope, interleaved=self.rope_interleaved)
+        new_valid = jnp.ones((b, t), bool) if kv_mask is None else kv_mask
+        if cache is not None:
+            q_slots = cache.index + jnp.arange(t)
+            cache = cache.write(k, v, new_valid)
+            k, v = cache.k, cache.v
+            if mask is None:
+                mask = make_mask(q_slots, jnp.arange(cache.size), causal=causal)
+            mask = mask & cache.kv_mask[:, None, :]
+        elif mask is None:
+            slots = jnp.arange(t)
+            mask = make_mask(slots, slots, causal=causal, kv_mask=new_valid)
+        out = dot_product_attention(q, k, v, mask, scale or self.head_dim**-0.5)
+        return self.o(out.reshape(b, t, self.heads * self.head_dim)), cache

@@ -1,0 +1,105 @@
+"""Pre-norm Transformer layers, stacked and run with `lax.scan` (compile time flat in depth)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pretzel_jax.nn.attention import Attention, KVCache
+from pretzel_jax.nn.layers import MLP, make_norm
+from pretzel_jax.nn.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    dim: int
+    heads: int
+    head_dim: int
+    mlp_hidden: int
+    kv_heads: int | None = None
+    mlp_kind: str = "gelu"
+    norm: str = "layer_norm"
+    norm_eps: float = 1e-5
+    qkv_bias: bool = True
+    out_bias: bool = True
+    mlp_bias: bool = True
+    rope_interleaved: bool = False
+    remat: str = "none"
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; use one of {list(REMAT_POLICIES)}")
+
+
+class TransformerLayer(nnx.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        kw = dict(param_dtype=jnp.dtype(cfg.param_dtype), compute_dtype=jnp.dtype(cfg.compute_dtype))
+        self.attn_norm = make_norm(cfg.norm, cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(
+            cfg.dim,
+            cfg.heads,
+            cfg.head_dim,
+            kv_heads=cfg.kv_heads,
+            qkv_bias=cfg.qkv_bias,
+            out_bias=cfg.out_bias,
+            rope_interleaved=cfg.rope_interleaved,
+            rngs=rngs,
+            **kw,
+        )
+        self.mlp_norm = make_norm(cfg.norm, cfg.dim, eps=cfg.norm_eps)
+        self.mlp = MLP(
+            cfg.dim, cfg.mlp_hidden, kind=cfg.mlp_kind, use_bias=cfg.mlp_bias, rngs=rngs, **kw
+        )
+
+    def __call__(self, x, *, rope=None, mask=None, kv_mask=None, cache=None):
+        h, cache = self.attn(self.attn_norm(x), rope=rope, mask=mask, kv_mask=kv_mask, cache=cache)
+        x = x + h.astype(x.dtype)
+        x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+        return constrain(x, ("batch", "length", "embed")), cache
+
+
+class LayerStack(nnx.Module):
+    """`num_layers` TransformerLayers with parameters stacked on a leading `layers` axis."""
+
+    def __init__(self, cfg: TransformerConfig, num_layers: int, *, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make(rngs):
+            return TransformerLayer(cfg, rngs=rngs)
+
+        self.layers = make(rngs)
+        self.num_layers = num_layers
+        self.cfg = cfg
+
+    def init_cache(self, batch: int, size: int, dtype=jnp.float32) -> KVCache:
+        one = KVCache.init(batch, size, self.cfg.kv_heads or self.cfg.heads, self.cfg.head_dim, dtype)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers, *a.shape)), one)
+
+    def __call__(self, x, *, rope=None, mask=None, kv_mask=None, cache: KVCache | None = None):
+        """Runs every layer. `cache` is the stacked per-layer cache (from init_cache) or None."""
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, xs):
+            layer_state, layer_cache = xs
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(h, rope=rope, mask=mask, kv_mask=kv_mask, cache=layer_cache)
+
+        policy = REMAT_POLICIES[self.cfg.remat]
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy)
+        x, cache = jax.lax.scan(body, x, (state, cache))
+        return x, cache
