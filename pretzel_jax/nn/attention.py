@@ -46,10 +46,11 @@ class KVCache:
         """Write T new entries at `index` (a failed Jacobi iterate is simply overwritten later by
         writing at the same index again)."""
         i = self.index
+        o = jnp.zeros((), i.dtype)
         return KVCache(
-            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), (0, i, 0, 0)),
-            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), (0, i, 0, 0)),
-            kv_mask=jax.lax.dynamic_update_slice(self.kv_mask, kv_mask, (0, i)),
+            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), (o, i, o, o)),
+            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), (o, i, o, o)),
+            kv_mask=jax.lax.dynamic_update_slice(self.kv_mask, kv_mask, (o, i)),
             index=i + k.shape[1],
         )
 

@@ -1,0 +1,134 @@
+"""Orbax checkpoints of the train state, the data iterator position and the config.
+
+Each step directory holds three items: `state` (the sharded TrainState, restored straight into
+the abstract target's shardings), `data` (the Grain iterator state, one file per process) and
+`config` (JSON: the config, the step and the shape/dtype of every state leaf). The last one lets
+a restore fail with a clear message before touching any array when the model or the optimizer
+policy changed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import grain.checkpoint
+import jax
+import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
+
+from pretzel_jax.train.errors import CheckpointError
+from pretzel_jax.train.state import TrainState
+
+ITEMS = ("state", "data", "config")
+
+
+def state_signature(state: Any) -> dict[str, list]:
+    """{leaf path: [shape, dtype]} of a (possibly abstract) train state."""
+    return {
+        jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype)]
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+    }
+
+
+def _diff(saved: dict[str, list], expected: dict[str, list], limit: int = 5) -> str:
+    missing = [k for k in expected if k not in saved]
+    extra = [k for k in saved if k not in expected]
+    changed = [
+        f"{k} {saved[k]} -> {expected[k]}" for k in expected if k in saved and saved[k] != expected[k]
+    ]
+    parts = [
+        f"{label}: {', '.join(items[:limit])}{' ...' if len(items) > limit else ''}"
+        for label, items in (("not in checkpoint", missing), ("only in checkpoint", extra))
+        if items
+    ]
+    if changed:
+        parts.append(f"shape/dtype changed: {', '.join(changed[:limit])}")
+    return "; ".join(parts)
+
+
+class Checkpointer:
+    """Saves every `every` steps (and when forced), keeps the newest `keep`, restores exactly."""
+
+    def __init__(self, directory: Path, *, every: int, keep: int, async_save: bool):
+        self.directory = Path(directory).absolute()
+        self.every = every
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(
+        self, step: int, state: TrainState, data_iter: Any, config: ConfigDict, *, force=False
+    ) -> bool:
+        """Save if `step` is on the `every` grid or `force`; returns whether it saved."""
+        if step == self.latest_step() or not (force or (self.every and step % self.every == 0)):
+            return False
+        meta = {
+            "step": step,
+            "config": json.loads(config.to_json_best_effort()),
+            "state_signature": state_signature(state),
+        }
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iter),
+                config=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int, abstract: TrainState, data_iter: Any) -> TrainState:
+        """The state saved at `step`, in `abstract`'s shardings; moves `data_iter` to the saved
+        position. Raises CheckpointError naming the step directory and the fix."""
+        path = self.directory / str(step)
+        fix = (
+            f"delete {path} to resume from the previous checkpoint, or pass a fresh --run_dir "
+            "to start over"
+        )
+        missing = [item for item in ITEMS if not (path / item).is_dir()]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} is incomplete (no {missing}); {fix}")
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+            saved = meta["config"]["state_signature"]
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {path} has unreadable metadata ({type(e).__name__}: {e}); {fix}"
+            ) from e
+        diff = _diff(saved, state_signature(abstract))
+        if diff:
+            raise CheckpointError(
+                f"checkpoint {path} holds a different train state than this config builds "
+                f"({diff}). Resume with the config it was saved with (see {path / 'config'}), "
+                "or pass a fresh --run_dir"
+            )
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract),
+                    data=grain.checkpoint.CheckpointRestore(data_iter),
+                ),
+            )
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt or partial ({type(e).__name__}: {e}); {fix}"
+            ) from e
+        return restored["state"]
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process once any process got a preemption notice (multi-host)."""
+        return self._manager.reached_preemption(step)
+
+    def close(self) -> None:
+        """Wait for in-flight async saves, then release the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,0 +1,261 @@
+"""The training loop: mesh, model, state (restored or fresh), data, steps, logging, checkpoints.
+
+Restarting the same command in the same run_dir resumes from the newest checkpoint: the state,
+the data iterator position and the per-step keys (`fold_in(rng, step)`) are all restored, so the
+loss curve continues exactly. SIGTERM saves a checkpoint at the next step boundary and returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from pretzel_jax.train.checkpoint import Checkpointer
+from pretzel_jax.train.config import validate
+from pretzel_jax.train.errors import ConfigError, NonFiniteError
+from pretzel_jax.train.mesh import make_mesh
+from pretzel_jax.train.metrics import MetricsWindow, MetricsWriter
+from pretzel_jax.train.optimizer import describe_param_policy
+from pretzel_jax.train.state import (
+    ModelBuilder,
+    TrainSetup,
+    TrainState,
+    build_setup,
+    eval_key,
+    init_rest,
+    init_state,
+    model_from,
+)
+from pretzel_jax.train.step import make_eval_step, make_train_step, shard_batch
+
+log = logging.getLogger(__name__)
+
+# `pretzel_jax.data.make_iterator`'s signature:
+# (data_cfg, split, *, process_index, process_count, shuffle=None, num_epochs=None) -> iterator
+IteratorFactory = Callable[..., Iterator[dict[str, np.ndarray]]]
+
+
+class _SigtermFlag:
+    """Records SIGTERM instead of dying. Single process only: on multi-host runs the signal is
+    left to JAX's preemption notifier and read through Orbax, so that all processes stop at the
+    same step."""
+
+    def __enter__(self) -> _SigtermFlag:
+        self.requested = False
+        self._installed = (
+            jax.process_count() == 1 and threading.current_thread() is threading.main_thread()
+        )
+        if self._installed:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("SIGTERM: saving a checkpoint at the next step boundary, then stopping")
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Run:
+    """One training session over a TrainSetup (state and host bookkeeping)."""
+
+    def __init__(
+        self,
+        setup: TrainSetup,
+        run_dir: Path,
+        make_iterator: IteratorFactory,
+        checkpointer: Checkpointer,
+        writer: MetricsWriter,
+    ):
+        self.setup, self.cfg, self.run_dir = setup, setup.config, run_dir
+        self.make_iterator = make_iterator
+        self.checkpointer, self.writer = checkpointer, writer
+        self.process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+        self.rest = init_rest(setup)
+        self.data = make_iterator(self.cfg.data, self.cfg.data.train_split, **self.process)
+        self.train_step = make_train_step(setup)
+        self.eval_step = make_eval_step(setup)
+        self.window = MetricsWindow()
+        self.pending: list[dict[str, jax.Array]] = []  # device metrics not yet fetched
+        self.results: dict[str, Any] = {}
+
+    def restore_or_init(self) -> TrainState:
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            log.info("no checkpoint in %s: initialising", self.checkpointer.directory)
+            return init_state(self.setup)
+        log.info("resuming from %s/%d", self.checkpointer.directory, latest)
+        return self.checkpointer.restore(latest, self.setup.abstract, self.data)
+
+    def _eval_iterator(self) -> Iterator[dict[str, np.ndarray]]:
+        data_cfg = self.cfg.data.copy_and_resolve_references()
+        data_cfg.batch_size = data_cfg.eval_batch_size
+        return self.make_iterator(
+            data_cfg, data_cfg.eval_split, shuffle=False, num_epochs=1, **self.process
+        )
+
+    def _fetch(self, step: int) -> None:
+        """Move pending device metrics to the host window; stop on too many non-finite steps."""
+        limit = self.cfg.train.max_consecutive_nonfinite
+        for metrics in jax.device_get(self.pending):
+            row = {k: float(v) for k, v in metrics.items()}
+            self.window.add(row)
+            if row["nonfinite_consecutive"] >= limit:
+                raise NonFiniteError(
+                    f"{limit} consecutive steps had a non-finite loss or gradient norm (last: "
+                    f"loss={row['loss']}, grad_norm={row['grad_norm']}) up to step {step}; "
+                    f"their updates were skipped and nothing was saved after them. The last "
+                    f"checkpoint is in {self.checkpointer.directory}. Lower optim.lr, set "
+                    "optim.grad_clip, or inspect the data near this step"
+                )
+        self.pending.clear()
+
+    def _log(self, step: int, elapsed: float, steps: int, bar: tqdm) -> None:
+        summary = self.window.summary()
+        summary["step_time_s"] = elapsed / steps
+        summary["examples_per_s"] = self.cfg.data.batch_size * steps / elapsed
+        self.writer.write(step, summary)
+        self.results.update(summary)
+        if bar.disable:
+            log.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+        else:
+            bar.set_postfix(loss=f"{summary['loss']:.4g}", refresh=False)
+
+    def evaluate(self, state: TrainState, step: int) -> None:
+        key = eval_key(self.cfg.seed)
+        rows = []
+        for _, batch in zip(range(self.cfg.train.eval_batches), self._eval_iterator()):
+            batch = shard_batch(batch, self.setup.mesh, self.setup.rules)
+            rows.append(self.eval_step(state.params, batch, self.rest, key))
+        rows = jax.device_get(rows)
+        means = {f"eval/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        self.writer.write(step, means)
+        self.results.update(means)
+
+    def report(self, state: TrainState, step: int) -> None:
+        """The model's optional `report(eval_iter, key, run_dir)` hook (on every process, since
+        it may run sharded computations; only process 0 writes its metrics)."""
+        model = model_from(self.setup, state.params, self.rest)
+        hook = getattr(model, "report", None)
+        if not callable(hook):
+            return
+        values = hook(self._eval_iterator(), eval_key(self.cfg.seed), self.run_dir)
+        values = {f"report/{k}": float(v) for k, v in values.items()}
+        self.writer.write(step, values)
+        self.results.update(values)
+
+    def train(self, state: TrainState, sigterm: _SigtermFlag) -> tuple[TrainState, bool]:
+        """Run to `train.steps`; returns (state, stopped early by a preemption)."""
+        train_cfg = self.cfg.train
+        step = start = int(state.step)
+        show_bar = jax.process_index() == 0 and (
+            train_cfg.progress_bar == "on"
+            or (train_cfg.progress_bar == "auto" and sys.stdout.isatty())
+        )
+        bar = tqdm(total=train_cfg.steps, initial=start, disable=not show_bar, dynamic_ncols=True)
+        window_start, window_time = step, time.perf_counter()
+        stop = False
+        while step < train_cfg.steps and not stop:
+            try:
+                batch = next(self.data)
+            except StopIteration:
+                raise RuntimeError(
+                    f"the training data ran out at step {step}; the train iterator must repeat "
+                    "(make_iterator with num_epochs=None)"
+                ) from None
+            state, metrics = self.train_step(
+                state, shard_batch(batch, self.setup.mesh, self.setup.rules), self.rest
+            )
+            step += 1
+            # Fetch the previous step's metrics while this one runs (no per-step stall).
+            self._fetch(step - 1)
+            self.pending.append(metrics)
+            bar.update()
+            stop = sigterm.requested or self.checkpointer.reached_preemption(step)
+            is_eval = train_cfg.eval_every and step % train_cfg.eval_every == 0
+            is_ckpt = train_cfg.ckpt_every and step % train_cfg.ckpt_every == 0
+            if step % train_cfg.log_every == 0 or is_eval or is_ckpt or stop:
+                self._fetch(step)
+            if step % train_cfg.log_every == 0 or step == train_cfg.steps or stop:
+                now = time.perf_counter()
+                self._log(step, now - window_time, step - window_start, bar)
+                window_start, window_time = step, now
+            if is_eval:
+                self.evaluate(state, step)
+            self.checkpointer.save(step, state, self.data, self.cfg, force=stop)
+        bar.close()
+        self._fetch(step)
+        self.checkpointer.save(step, state, self.data, self.cfg, force=True)
+        return state, stop
+
+
+def train(
+    config: ConfigDict,
+    run_dir: str | Path | None = None,
+    *,
+    make_iterator: IteratorFactory | None = None,
+    build_model: ModelBuilder | None = None,
+) -> dict[str, Any]:
+    """Train `config` in `run_dir` (default `config.run_dir`), resuming from its newest
+    checkpoint if there is one. `make_iterator` defaults to `pretzel_jax.data.make_iterator` and
+    `build_model` to `pretzel_jax.models.build`. Returns the last logged metrics (train, `eval/`,
+    `report/`) with `step` and `preempted`."""
+    run_dir = run_dir or config.run_dir
+    if not run_dir:
+        raise ConfigError("run_dir is empty; pass --run_dir or set config.run_dir")
+    run_dir = Path(run_dir)
+    validate(config)
+    config = config.copy_and_resolve_references()
+    config.run_dir = str(run_dir)
+    config.lock()
+    # Resolved here so that train/ imports no model or data code at import time.
+    if make_iterator is None:
+        from pretzel_jax.data import make_iterator
+    if build_model is None:
+        from pretzel_jax.models import build as build_model
+
+    is_main = jax.process_index() == 0
+    setup = build_setup(config, make_mesh(config.mesh), build_model)
+    policy = describe_param_policy(setup.abstract.params, config.optim)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        (run_dir / "param_policy.txt").write_text(policy + "\n")
+    log.info("mesh %s\n%s", dict(setup.mesh.shape), policy)
+
+    train_cfg = config.train
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints",
+        every=train_cfg.ckpt_every,
+        keep=train_cfg.keep_checkpoints,
+        async_save=train_cfg.async_checkpoint,
+    )
+    writer = MetricsWriter(run_dir, enabled=is_main)
+    try:
+        run = _Run(setup, run_dir, make_iterator, checkpointer, writer)
+        state = run.restore_or_init()
+        with _SigtermFlag() as sigterm:
+            state, preempted = run.train(state, sigterm)
+        checkpointer.close()  # the final checkpoint is complete before the report or return
+        step = int(state.step)
+        if preempted:
+            log.warning("stopped at step %d; rerun the same command to resume", step)
+        else:
+            run.report(state, step)
+        return {"step": step, "preempted": preempted, **run.results}
+    finally:
+        checkpointer.close()
+        writer.close()

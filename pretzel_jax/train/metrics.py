@@ -1,0 +1,76 @@
+"""Metric windows and writers (TensorBoard + `run_dir/metrics.jsonl`), process 0 only.
+
+Train metrics are averaged over the steps between two log points (skipped steps excluded, since
+their loss is not finite) and written unprefixed (`loss`, `bits_per_dim`, ...); eval and report
+metrics carry an `eval/` or `report/` prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from tensorboardX import SummaryWriter
+
+# Step metrics that are not averaged over a window: counters keep their last value.
+_LAST = ("nonfinite_consecutive", "nonfinite_total")
+
+
+class MetricsWindow:
+    """Per-step host metrics collected between two log points."""
+
+    def __init__(self) -> None:
+        self._rows: list[dict[str, float]] = []
+
+    def add(self, metrics: Mapping[str, float]) -> None:
+        self._rows.append(dict(metrics))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def summary(self) -> dict[str, float]:
+        """Means over the applied steps, `skipped` = number of skipped steps; then resets."""
+        rows, self._rows = self._rows, []
+        if not rows:
+            return {}
+        applied = [r for r in rows if not r["skipped"]]
+        out = {}
+        for key in rows[0]:
+            if key in _LAST:
+                out[key] = rows[-1][key]
+            elif key == "skipped":
+                out[key] = float(sum(r[key] for r in rows))
+            else:
+                out[key] = float(np.mean([r[key] for r in applied])) if applied else math.nan
+        return out
+
+
+class MetricsWriter:
+    """Appends one JSON object per `write` to metrics.jsonl and mirrors it to TensorBoard."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        # JSON has no NaN/Inf: write them as null.
+        row = {k: (float(v) if math.isfinite(v) else None) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": step, **row}) + "\n")
+        self._jsonl.flush()
+        for key, value in row.items():
+            if value is not None:
+                self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
