@@ -32,20 +32,26 @@ def state_signature(state: Any) -> dict[str, list]:
     }
 
 
-def _diff(saved: dict[str, list], expected: dict[str, list], limit: int = 5) -> str:
-    missing = [k for k in expected if k not in saved]
-    extra = [k for k in saved if k not in expected]
-    changed = [
-        f"{k} {saved[k]} -> {expected[k]}" for k in expected if k in saved and saved[k] != expected[k]
-    ]
-    parts = [
-        f"{label}: {', '.join(items[:limit])}{' ...' if len(items) > limit else ''}"
-        for label, items in (("not in checkpoint", missing), ("only in checkpoint", extra))
+def _fmt(signature: list) -> str:
+    shape, dtype = signature
+    return f"{dtype}{list(shape)}"
+
+
+def _diff(saved: dict[str, list], expected: dict[str, list], limit: int = 4) -> str:
+    groups = {
+        "not in checkpoint": [k for k in expected if k not in saved],
+        "only in checkpoint": [k for k in saved if k not in expected],
+        "shape/dtype changed": [
+            f"{k} {_fmt(saved[k])} -> {_fmt(v)}"
+            for k, v in expected.items()
+            if saved.get(k, v) != v
+        ],
+    }
+    return "; ".join(
+        f"{label}: {', '.join(items[:limit])}{', ...' if len(items) > limit else ''}"
+        for label, items in groups.items()
         if items
-    ]
-    if changed:
-        parts.append(f"shape/dtype changed: {', '.join(changed[:limit])}")
-    return "; ".join(parts)
+    )
 
 
 class Checkpointer:
@@ -54,6 +60,7 @@ class Checkpointer:
     def __init__(self, directory: Path, *, every: int, keep: int, async_save: bool):
         self.directory = Path(directory).absolute()
         self.every = every
+        self._closed = False
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -97,8 +104,8 @@ class Checkpointer:
         if missing:
             raise CheckpointError(f"checkpoint {path} is incomplete (no {missing}); {fix}")
         try:
-            meta = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-            saved = meta["config"]["state_signature"]
+            args = ocp.args.Composite(config=ocp.args.JsonRestore())
+            saved = self._manager.restore(step, args=args)["config"]["state_signature"]
         except Exception as e:
             raise CheckpointError(
                 f"checkpoint {path} has unreadable metadata ({type(e).__name__}: {e}); {fix}"
@@ -125,10 +132,13 @@ class Checkpointer:
         return restored["state"]
 
     def reached_preemption(self, step: int) -> bool:
-        """True on every process once any process got a preemption notice (multi-host)."""
-        return self._manager.reached_preemption(step)
+        """True on every process once any process got a preemption notice (multi-host only;
+        a single process handles SIGTERM itself)."""
+        return jax.process_count() > 1 and self._manager.reached_preemption(step)
 
     def close(self) -> None:
-        """Wait for in-flight async saves, then release the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for in-flight async saves, then release the manager (idempotent)."""
+        if not self._closed:
+            self._manager.wait_until_finished()
+            self._manager.close()
+            self._closed = True

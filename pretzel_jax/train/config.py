@@ -94,15 +94,9 @@ def default_config() -> ConfigDict:
 
 
 def _default_model_config() -> ConfigDict:
-    # Imported here, not at module level: train/ takes any model, and `models` may import train.
-    try:
-        from pretzel_jax import models
-    except ModuleNotFoundError as e:
-        if e.name != "pretzel_jax.models":
-            raise
-        return ConfigDict({"kind": ""})
-    if not hasattr(models, "default_model_config"):
-        return ConfigDict({"kind": ""})
+    # Imported lazily: the registry pulls in every model, and train/ itself stays model-agnostic.
+    from pretzel_jax import models
+
     return models.default_model_config()
 
 
@@ -178,23 +172,20 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> None:
             parent[leaf] = value
         except TypeError as e:
             raise ConfigError(
-                f"{key}={raw!r}: expected a {type(current).__name__} (current value "
-                f"{current!r})"
+                f"{key}={raw!r}: expected a {type(current).__name__} (current value {current!r})"
             ) from e
 
 
 def _lookup(config: ConfigDict, key: str) -> tuple[ConfigDict, str]:
-    node, done = config, []
+    """(section, field name) of an existing dotted key."""
     parts = key.split(".")
+    node = config
     for i, part in enumerate(parts):
         if not isinstance(node, ConfigDict) or part not in node:
-            known = list(node.keys()) if isinstance(node, ConfigDict) else []
-            raise ConfigError(_unknown_key(".".join([*done, part]), known))
-        if i == len(parts) - 1:
-            return node, part
-        node = node[part]
-        done.append(part)
-    raise AssertionError("unreachable")
+            known = list(node) if isinstance(node, ConfigDict) else []
+            raise ConfigError(_unknown_key(".".join(parts[: i + 1]), known))
+        parent, node = node, node[part]
+    return parent, parts[-1]
 
 
 def _unknown_key(key: str, known: Sequence[str]) -> str:
@@ -265,10 +256,8 @@ def _report(problems: list[str]) -> str:
 
 
 def _key_problems(config: ConfigDict, reference: ConfigDict, prefix: str = "") -> list[str]:
-    if prefix == "model." and set(reference.keys()) <= {"kind"}:
-        return []  # no model defaults available to check against
     problems = []
-    for key in config.keys():
+    for key in config:
         if key not in reference:
             problems.append(_unknown_key(prefix + key, list(reference.keys())))
         elif isinstance(reference[key], ConfigDict):
@@ -278,7 +267,7 @@ def _key_problems(config: ConfigDict, reference: ConfigDict, prefix: str = "") -
                 problems += _key_problems(config[key], reference[key], f"{prefix}{key}.")
     problems += [
         f"{prefix}{key} is missing; start the experiment from default_config()"
-        for key in reference.keys()
+        for key in reference
         if key not in config
     ]
     return problems

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 # `pretzel_jax.data.make_iterator`'s signature:
 # (data_cfg, split, *, process_index, process_count, shuffle=None, num_epochs=None) -> iterator
 IteratorFactory = Callable[..., Iterator[dict[str, np.ndarray]]]
+# `pretzel_jax.models.report_fn(config)`'s result: (model, config, data, key, run_dir) -> metrics,
+# where data(split) iterates one unshuffled epoch of `split` in eval batches.
+ReportFn = Callable[..., dict[str, float]]
 
 
 class _SigtermFlag:
@@ -89,7 +92,7 @@ class _Run:
         self.train_step = make_train_step(setup)
         self.eval_step = make_eval_step(setup)
         self.window = MetricsWindow()
-        self.pending: list[dict[str, jax.Array]] = []  # device metrics not yet fetched
+        self.pending: list[tuple[int, dict[str, jax.Array]]] = []  # (step, device metrics)
         self.results: dict[str, Any] = {}
 
     def restore_or_init(self) -> TrainState:
@@ -100,17 +103,16 @@ class _Run:
         log.info("resuming from %s/%d", self.checkpointer.directory, latest)
         return self.checkpointer.restore(latest, self.setup.abstract, self.data)
 
-    def _eval_iterator(self) -> Iterator[dict[str, np.ndarray]]:
+    def _eval_iterator(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+        """One unshuffled epoch of `split` in eval batches."""
         data_cfg = self.cfg.data.copy_and_resolve_references()
         data_cfg.batch_size = data_cfg.eval_batch_size
-        return self.make_iterator(
-            data_cfg, data_cfg.eval_split, shuffle=False, num_epochs=1, **self.process
-        )
+        return self.make_iterator(data_cfg, split, shuffle=False, num_epochs=1, **self.process)
 
-    def _fetch(self, step: int) -> None:
+    def _fetch(self) -> None:
         """Move pending device metrics to the host window; stop on too many non-finite steps."""
         limit = self.cfg.train.max_consecutive_nonfinite
-        for metrics in jax.device_get(self.pending):
+        for step, metrics in jax.device_get(self.pending):
             row = {k: float(v) for k, v in metrics.items()}
             self.window.add(row)
             if row["nonfinite_consecutive"] >= limit:
@@ -137,7 +139,8 @@ class _Run:
     def evaluate(self, state: TrainState, step: int) -> None:
         key = eval_key(self.cfg.seed)
         rows = []
-        for _, batch in zip(range(self.cfg.train.eval_batches), self._eval_iterator()):
+        batches = self._eval_iterator(self.cfg.data.eval_split)
+        for _, batch in zip(range(self.cfg.train.eval_batches), batches):
             batch = shard_batch(batch, self.setup.mesh, self.setup.rules)
             rows.append(self.eval_step(state.params, batch, self.rest, key))
         rows = jax.device_get(rows)
@@ -145,14 +148,12 @@ class _Run:
         self.writer.write(step, means)
         self.results.update(means)
 
-    def report(self, state: TrainState, step: int) -> None:
-        """The model's optional `report(eval_iter, key, run_dir)` hook (on every process, since
-        it may run sharded computations; only process 0 writes its metrics)."""
+    def report(self, report_fn: ReportFn, state: TrainState, step: int) -> None:
+        """Run the end-of-run report on every process (it may run sharded computations); only
+        process 0 writes its metrics."""
         model = model_from(self.setup, state.params, self.rest)
-        hook = getattr(model, "report", None)
-        if not callable(hook):
-            return
-        values = hook(self._eval_iterator(), eval_key(self.cfg.seed), self.run_dir)
+        key = eval_key(self.cfg.seed)
+        values = report_fn(model, self.cfg, self._eval_iterator, key, str(self.run_dir))
         values = {f"report/{k}": float(v) for k, v in values.items()}
         self.writer.write(step, values)
         self.results.update(values)
@@ -181,15 +182,16 @@ class _Run:
             )
             step += 1
             # Fetch the previous step's metrics while this one runs (no per-step stall).
-            self._fetch(step - 1)
-            self.pending.append(metrics)
+            self._fetch()
+            self.pending.append((step, metrics))
             bar.update()
             stop = sigterm.requested or self.checkpointer.reached_preemption(step)
+            is_log = step % train_cfg.log_every == 0 or step == train_cfg.steps or stop
             is_eval = train_cfg.eval_every and step % train_cfg.eval_every == 0
             is_ckpt = train_cfg.ckpt_every and step % train_cfg.ckpt_every == 0
-            if step % train_cfg.log_every == 0 or is_eval or is_ckpt or stop:
-                self._fetch(step)
-            if step % train_cfg.log_every == 0 or step == train_cfg.steps or stop:
+            if is_log or is_eval or is_ckpt:
+                self._fetch()  # also: no checkpoint holds a state past the non-finite limit
+            if is_log:
                 now = time.perf_counter()
                 self._log(step, now - window_time, step - window_start, bar)
                 window_start, window_time = step, now
@@ -197,7 +199,7 @@ class _Run:
                 self.evaluate(state, step)
             self.checkpointer.save(step, state, self.data, self.cfg, force=stop)
         bar.close()
-        self._fetch(step)
+        self._fetch()
         self.checkpointer.save(step, state, self.data, self.cfg, force=True)
         return state, stop
 
@@ -208,10 +210,14 @@ def train(
     *,
     make_iterator: IteratorFactory | None = None,
     build_model: ModelBuilder | None = None,
+    report: ReportFn | None = None,
 ) -> dict[str, Any]:
     """Train `config` in `run_dir` (default `config.run_dir`), resuming from its newest
-    checkpoint if there is one. `make_iterator` defaults to `pretzel_jax.data.make_iterator` and
-    `build_model` to `pretzel_jax.models.build`. Returns the last logged metrics (train, `eval/`,
+    checkpoint if there is one, then run the end-of-run `report` (unless preempted).
+
+    `make_iterator` defaults to `pretzel_jax.data.make_iterator`; `build_model` to
+    `pretzel_jax.models.build`, in which case `report` defaults to
+    `pretzel_jax.models.report_fn(config)`. Returns the last logged metrics (train, `eval/`,
     `report/`) with `step` and `preempted`."""
     run_dir = run_dir or config.run_dir
     if not run_dir:
@@ -225,7 +231,9 @@ def train(
     if make_iterator is None:
         from pretzel_jax.data import make_iterator
     if build_model is None:
-        from pretzel_jax.models import build as build_model
+        from pretzel_jax import models
+
+        build_model, report = models.build, report or models.report_fn(config)
 
     is_main = jax.process_index() == 0
     setup = build_setup(config, make_mesh(config.mesh), build_model)
@@ -234,7 +242,12 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
         (run_dir / "param_policy.txt").write_text(policy + "\n")
-    log.info("mesh %s\n%s", dict(setup.mesh.shape), policy)
+    log.info(
+        "mesh %s; %s (table: %s)",
+        dict(setup.mesh.shape),
+        policy.splitlines()[-1],
+        run_dir / "param_policy.txt",
+    )
 
     train_cfg = config.train
     checkpointer = Checkpointer(
@@ -253,8 +266,8 @@ def train(
         step = int(state.step)
         if preempted:
             log.warning("stopped at step %d; rerun the same command to resume", step)
-        else:
-            run.report(state, step)
+        elif report is not None:
+            run.report(report, state, step)
         return {"step": step, "preempted": preempted, **run.results}
     finally:
         checkpointer.close()

@@ -18,7 +18,8 @@ def mesh_shape(mesh_cfg: Mapping[str, int], device_count: int) -> dict[str, int]
     for axis, size in sizes.items():
         if size == 0 or size < -1:
             raise ConfigError(
-                f"mesh.{axis}={size}: mesh sizes must be positive, or -1 for 'all remaining devices'"
+                f"mesh.{axis}={size}: a mesh size must be positive, or -1 for 'all remaining "
+                "devices'"
             )
     wildcards = [axis for axis, size in sizes.items() if size == -1]
     if len(wildcards) > 1:

@@ -28,9 +28,6 @@ class MetricsWindow:
     def add(self, metrics: Mapping[str, float]) -> None:
         self._rows.append(dict(metrics))
 
-    def __len__(self) -> int:
-        return len(self._rows)
-
     def summary(self) -> dict[str, float]:
         """Means over the applied steps, `skipped` = number of skipped steps; then resets."""
         rows, self._rows = self._rows, []

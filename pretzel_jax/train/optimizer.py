@@ -137,6 +137,6 @@ def make_optimizer(
         weight_decay=optim_cfg.weight_decay,
         mask=decay_mask,
     )
-    if optim_cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), adamw), schedule
-    return adamw, schedule
+    # identity() when off keeps the optimizer-state structure (and so checkpoints) the same.
+    clip = optax.clip_by_global_norm(optim_cfg.grad_clip) if optim_cfg.grad_clip > 0 else None
+    return optax.chain(clip or optax.identity(), adamw), schedule

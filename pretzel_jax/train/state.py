@@ -65,6 +65,9 @@ def _split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
 
 
 def build_setup(config: ConfigDict, mesh: Mesh, build_model: ModelBuilder) -> TrainSetup:
+    """Trace `build_model(config, rngs=nnx.Rngs(config.seed))` abstractly and derive the
+    parameter policy, optimizer, abstract state and shardings (raises ConfigError for a bad
+    freeze/no_decay pattern)."""
     rules = tuple(config.mesh.rules)
 
     def build() -> nnx.Module:

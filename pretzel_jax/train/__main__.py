@@ -1,0 +1,72 @@
+"""CLI: python -m pretzel_jax.train --config experiments/x.py[:arg] [--config.train.steps=100 ...]
+[--run_dir runs/x]. Rerunning the same command resumes from the run dir's newest checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from absl import flags
+
+from pretzel_jax.train.config import load_config
+from pretzel_jax.train.errors import CheckpointError, ConfigError, NonFiniteError
+from pretzel_jax.train.loop import train
+
+_PREFIX = "--config."
+
+
+def _overrides(tokens: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`--config.a.b=v` or `--config.a.b v` tokens -> ["a.b=v", ...]."""
+    out, i = [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith(_PREFIX):
+            parser.error(f"unrecognized argument {token!r}")
+        key = token[len(_PREFIX) :]
+        if "=" not in key:
+            if i + 1 == len(tokens):
+                parser.error(f"{token} needs a value ({token}=VALUE)")
+            i += 1
+            key = f"{key}={tokens[i]}"
+        out.append(key)
+        i += 1
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pretzel_jax.train", description=__doc__, allow_abbrev=False
+    )
+    parser.add_argument("--config", required=True, help="experiment file, e.g. experiments/x.py")
+    parser.add_argument("--run_dir", help="default: config.run_dir, else runs/<experiment>")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (multi-host TPU/GPU clusters)",
+    )
+    args, rest = parser.parse_known_args(argv)
+    overrides = _overrides(rest, parser)
+    flags.FLAGS.mark_as_parsed()  # Grain reads absl flags; we parse our own arguments
+    # force: an imported library already put a handler on the root logger. INFO only for ours:
+    # Orbax logs every checkpoint step at INFO.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("pretzel_jax").setLevel(logging.INFO)
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    try:
+        config = load_config(args.config, overrides=overrides)
+        default_dir = Path("runs") / Path(args.config.split(".py:")[0]).stem
+        train(config, args.run_dir or config.run_dir or default_dir)
+    except (ConfigError, CheckpointError, NonFiniteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pretzel_jax.nn import (
+    Attention,
+    LayerStack,
+    RMSNorm,
+    TransformerConfig,
+    apply_rope,
+    dot_product_attention,
+    make_mask,
+    rope_1d,
+    rope_angles,
+    rope_mrope,
+    rope_sectioned,
+)
+from pretzel_jax.nn.sharding import DEFAULT_RULES, logical_to_spec
+
+CFG = TransformerConfig(dim=32, heads=4, head_dim=8, kv_heads=2, mlp_hidden=64)
+
+
+def _rope(b, length, head_dim=8, offset=0):
+    pos = jnp.broadcast_to(jnp.arange(length) + offset, (b, length))
+    return rope_angles(pos, *rope_1d(head_dim))
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    q = jax.random.normal(jax.random.key(0), (2, 5, 4, 8))
+    k = jax.random.normal(jax.random.key(1), (2, 5, 2, 8))
+    v = jax.random.normal(jax.random.key(2), (2, 5, 2, 8))
+    mask = make_mask(jnp.arange(5), jnp.arange(5))
+    mask = jnp.broadcast_to(mask, (2, 5, 5))
+    gqa = dot_product_attention(q, k, v, mask, 8**-0.5)
+    mha = dot_product_attention(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), mask, 8**-0.5)
+    np.testing.assert_allclose(gqa, mha, atol=1e-6)
+
+
+def test_masks_causal_segments_prefix_and_padding():
+    slots = jnp.arange(4)[None]
+    seg = jnp.array([[0, 0, 1, 1]])
+    m = make_mask(slots, slots, q_segments=seg, kv_segments=seg)
+    expected = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], bool)
+    np.testing.assert_array_equal(m[0], expected)
+    m = make_mask(slots, slots, prefix_len=jnp.array([2]))
+    assert bool(m[0, 0, 1]) and not bool(m[0, 1, 2])  # prefix is bidirectional, rest causal
+    m = make_mask(slots, slots, kv_mask=jnp.array([[True, False, True, True]]))
+    assert not bool(m[0, 3, 1]) and bool(m[0, 3, 2])
+
+
+def test_packed_documents_do_not_see_each_other():
+    attn = Attention(16, 2, 8, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (1, 6, 16))
+    seg = jnp.array([[0, 0, 0, 1, 1, 1]])
+    mask = make_mask(jnp.arange(6), jnp.arange(6), q_segments=seg, kv_segments=seg)
+    packed, _ = attn(x, mask=mask)
+    alone, _ = attn(x[:, 3:])
+    np.testing.assert_allclose(packed[:, 3:], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunks", [(10,), (1,) * 10, (4, 1, 3, 2)])
+def test_cached_decoding_equals_full_forward(chunks):
+    stack = LayerStack(CFG, 2, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 10, 32))
+    cos, sin = _rope(2, 10)
+    full, _ = stack(x, rope=(cos, sin))
+    cache = stack.init_cache(2, 16)
+    step = jax.jit(lambda h, r, c: stack(h, rope=r, cache=c))
+    outs, start = [], 0
+    for n in chunks:
+        sl = slice(start, start + n)
+        y, cache = step(x[:, sl], (cos[:, sl], sin[:, sl]), cache)
+        outs.append(y)
+        start += n
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
+    assert int(cache.index[0]) == 10
+
+
+def test_rolled_back_cache_index_overwrites_a_failed_chunk():
+    stack = LayerStack(CFG, 1, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (1, 6, 32))
+    cos, sin = _rope(1, 6)
+    ref, _ = stack(x, rope=(cos, sin))
+    cache = stack.init_cache(1, 8)
+    _, cache = stack(x[:, :3], rope=(cos[:, :3], sin[:, :3]), cache=cache)
+    _, bad = stack(x[:, 3:] + 5.0, rope=(cos[:, 3:], sin[:, 3:]), cache=cache)  # wrong guess
+    y, _ = stack(x[:, 3:], rope=(cos[:, 3:], sin[:, 3:]), cache=bad.at(jnp.full((1,), 3)))
+    np.testing.assert_allclose(y, ref[:, 3:], atol=1e-5)
+
+
+def test_rope_is_relative():
+    q = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
+    k = jax.random.normal(jax.random.key(1), (1, 1, 1, 8))
+    for interleaved in (True, False):
+        dots = []
+        for offset in (0, 7):
+            cq = _rope(1, 1, offset=offset + 3)
+            ck = _rope(1, 1, offset=offset)
+            rq = apply_rope(q, *cq, interleaved=interleaved)
+            rk = apply_rope(k, *ck, interleaved=interleaved)
+            dots.append(float(jnp.sum(rq * rk)))
+        assert dots[0] == pytest.approx(dots[1], rel=1e-5)
+
+
+def test_mrope_with_equal_axes_is_1d_rope_and_sections_validate():
+    freqs, axes = rope_mrope(16, (2, 3, 3))
+    np.testing.assert_array_equal(axes, [0, 0, 1, 1, 1, 2, 2, 2])
+    pos = jnp.broadcast_to(jnp.arange(5), (1, 5))
+    c3, s3 = rope_angles(jnp.stack([pos] * 3, -1), freqs, axes)
+    c1, s1 = rope_angles(pos, *rope_1d(16))
+    np.testing.assert_allclose(c3, c1, atol=1e-6)
+    np.testing.assert_allclose(s3, s1, atol=1e-6)
+    with pytest.raises(ValueError, match="sum to head_dim/2"):
+        rope_mrope(16, (2, 2, 2))
+    freqs, axes = rope_sectioned((4, 4, 8))  # STARFlow head_dim 32 with text: row, col, text
+    np.testing.assert_allclose(freqs[:4], [1, 0.1, 0.01, 0.001], rtol=1e-6)
+    np.testing.assert_allclose(freqs[8:10], [1, 10000 ** (-1 / 8)], rtol=1e-6)
+
+
+def test_rmsnorm_unit_offset_starts_as_plain_normalisation():
+    x = jax.random.normal(jax.random.key(0), (3, 8)) * 5
+    y = RMSNorm(8, unit_offset=True)(x)
+    np.testing.assert_allclose(y, x / jnp.sqrt(jnp.mean(x**2, -1, keepdims=True) + 1e-6), rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_changes_nothing_but_memory(policy):
+    x = jax.random.normal(jax.random.key(1), (2, 6, 32))
+    plain = LayerStack(CFG, 2, rngs=nnx.Rngs(0))
+    remat = LayerStack(TransformerConfig(**{**CFG.__dict__, "remat": policy}), 2, rngs=nnx.Rngs(0))
+
+    def loss(stack):
+        return jnp.sum(stack(x)[0] ** 2)
+
+    g1 = nnx.grad(loss)(plain)
+    g2 = nnx.grad(loss)(remat)
+    # fp32 summation order differs under remat: compare relative to the gradients' scale
+    scale = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g1))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, atol=1e-6 * scale)
+
+
+def test_every_parameter_has_logical_axes_known_to_the_rules():
+    stack = LayerStack(CFG, 2, rngs=nnx.Rngs(0))
+    for path, var in nnx.iter_graph(stack):
+        if isinstance(var, nnx.Param):
+            axes = var.get_metadata().get("out_sharding")
+            assert axes is not None and len(axes) == var.ndim, path
+            assert axes[0] == "layers", path
+            logical_to_spec(axes, DEFAULT_RULES)  # raises on an unknown name
