@@ -49,7 +49,9 @@ class AFBlock(nnx.Module):
             compute_dtype=jnp.dtype(cfg.compute_dtype),
         )
         d, w = cfg.token_dim, cfg.width
-        self.sos = param(jax.random.normal(rngs.params(), (d,)), ("latent",)) if cfg.use_sos else None
+        self.sos = (
+            param(jax.random.normal(rngs.params(), (d,)), ("latent",)) if cfg.use_sos else None
+        )
         self.proj_in = Dense(d, w, axes=("latent", "embed"), **kw)
         self.proj_ctx = (
             Dense(cfg.context_dim, w, axes=(None, "embed"), **kw) if conditioned else None
@@ -72,7 +74,9 @@ class AFBlock(nnx.Module):
             return None
         if cfg.rope == "sectioned":
             if positions is None:
-                raise ValueError("FlowConfig.rope='sectioned' needs explicit positions (B, L, axes)")
+                raise ValueError(
+                    "FlowConfig.rope='sectioned' needs explicit positions (B, L, axes)"
+                )
             return rope_angles(positions, *rope_sectioned(cfg.rope_sections, cfg.rope_theta))
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
@@ -152,7 +156,9 @@ class AFBlock(nnx.Module):
         given: the batch is doubled [cond; uncond], both halves follow the guided trajectory.
         With `return_params`, also returns the (mu, sigma) used at each token (permuted order)."""
         if guidance_rule not in cfg_rules.RULES:
-            raise ValueError(f"guidance_rule must be one of {cfg_rules.RULES}, got {guidance_rule!r}")
+            raise ValueError(
+                f"guidance_rule must be one of {cfg_rules.RULES}, got {guidance_rule!r}"
+            )
         b, n, d = z.shape
         zp = _permute(z.astype(jnp.float32), self.permutation)
         guided = uncond_context is not None

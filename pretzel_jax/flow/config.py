@@ -44,8 +44,14 @@ class FlowConfig:
             object.__setattr__(self, "permutations", tuple(self.permutations))
         _check(self.token_dim > 0, "token_dim", "must be positive")
         _check(len(self.layers_per_block) >= 1, "layers_per_block", "needs at least the deep block")
-        _check(all(n >= 1 for n in self.layers_per_block), "layers_per_block", "entries must be >= 1")
-        _check(self.width % self.head_dim == 0, "width", f"must be a multiple of head_dim ({self.head_dim})")
+        _check(
+            all(n >= 1 for n in self.layers_per_block), "layers_per_block", "entries must be >= 1"
+        )
+        _check(
+            self.width % self.head_dim == 0,
+            "width",
+            f"must be a multiple of head_dim ({self.head_dim})",
+        )
         _check(self.head_dim % 2 == 0, "head_dim", "must be even (RoPE pairs)")
         _check(self.rope in ROPE_KINDS, "rope", f"must be one of {ROPE_KINDS}")
         if self.rope == "sectioned":
@@ -56,8 +62,12 @@ class FlowConfig:
             )
         perms = self.block_permutations
         _check(len(perms) == self.num_blocks, "permutations", "needs one entry per block")
-        _check(all(p in PERMUTATIONS for p in perms), "permutations", f"entries must be in {PERMUTATIONS}")
-        self.transformer  # validates the norm / mlp / remat names
+        _check(
+            all(p in PERMUTATIONS for p in perms),
+            "permutations",
+            f"entries must be in {PERMUTATIONS}",
+        )
+        _ = self.transformer  # validates the norm / mlp / remat names
 
     @property
     def num_blocks(self) -> int:

@@ -49,7 +49,9 @@ class ImageFlowConfig:
         if self.noise not in NOISE_KINDS:
             raise ValueError(f"noise must be one of {NOISE_KINDS}, got {self.noise!r}")
         if (self.num_classes > 0) != (self.flow.context_dim > 0):
-            raise ValueError("a class-conditional model (num_classes > 0) needs flow.context_dim > 0")
+            raise ValueError(
+                "a class-conditional model (num_classes > 0) needs flow.context_dim > 0"
+            )
 
     @property
     def num_tokens(self) -> int:
@@ -107,9 +109,9 @@ class ImageFlow(nnx.Module):
         """Per-example log-density (nats, summed over dims) of continuous tokens."""
         z, logdet = self.flow.forward(tokens, self.context(labels))
         dims = math.prod(z.shape[1:])
-        return -0.5 * jnp.sum(jnp.square(z), axis=(1, 2)) - 0.5 * dims * math.log(
-            2 * math.pi
-        ) + logdet
+        return (
+            -0.5 * jnp.sum(jnp.square(z), axis=(1, 2)) - 0.5 * dims * math.log(2 * math.pi) + logdet
+        )
 
     def bits_per_dim(self, levels, labels, key) -> jax.Array:
         """Per-example bits/dim; with uniform dequantisation this is the discrete-data bound."""

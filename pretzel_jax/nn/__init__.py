@@ -4,7 +4,12 @@ logical-axis sharding helpers."""
 from pretzel_jax.nn.attention import Attention, KVCache, dot_product_attention, make_mask
 from pretzel_jax.nn.layers import MLP, Dense, LayerNorm, RMSNorm, make_norm
 from pretzel_jax.nn.rope import apply_rope, rope_1d, rope_angles, rope_mrope, rope_sectioned
-from pretzel_jax.nn.transformer import REMAT_POLICIES, LayerStack, TransformerConfig, TransformerLayer
+from pretzel_jax.nn.transformer import (
+    REMAT_POLICIES,
+    LayerStack,
+    TransformerConfig,
+    TransformerLayer,
+)
 
 __all__ = [
     "REMAT_POLICIES",

@@ -122,8 +122,12 @@ class Attention(nnx.Module):
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
         kw = dict(rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype)
         self.q = Dense(dim, heads * head_dim, axes=("embed", "heads"), use_bias=qkv_bias, **kw)
-        self.k = Dense(dim, kv_heads * head_dim, axes=("embed", "kv_heads"), use_bias=qkv_bias, **kw)
-        self.v = Dense(dim, kv_heads * head_dim, axes=("embed", "kv_heads"), use_bias=qkv_bias, **kw)
+        self.k = Dense(
+            dim, kv_heads * head_dim, axes=("embed", "kv_heads"), use_bias=qkv_bias, **kw
+        )
+        self.v = Dense(
+            dim, kv_heads * head_dim, axes=("embed", "kv_heads"), use_bias=qkv_bias, **kw
+        )
         self.o = Dense(heads * head_dim, dim, axes=("heads", "embed"), use_bias=out_bias, **kw)
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.rope_interleaved = rope_interleaved

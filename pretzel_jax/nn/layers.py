@@ -112,7 +112,9 @@ class MLP(nnx.Module):
     ):
         if kind not in ("gelu", "gelu_tanh", "swiglu"):
             raise ValueError(f"unknown MLP kind {kind!r}; use 'gelu', 'gelu_tanh' or 'swiglu'")
-        kw = dict(rngs=rngs, use_bias=use_bias, param_dtype=param_dtype, compute_dtype=compute_dtype)
+        kw = dict(
+            rngs=rngs, use_bias=use_bias, param_dtype=param_dtype, compute_dtype=compute_dtype
+        )
         self.kind = kind
         self.up = Dense(dim, hidden, axes=("embed", "mlp"), **kw)
         self.gate = Dense(dim, hidden, axes=("embed", "mlp"), **kw) if kind == "swiglu" else None

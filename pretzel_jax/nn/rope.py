@@ -28,7 +28,9 @@ def rope_mrope(
     head_dim: int, sections: Sequence[int], theta: float = 10000.0
 ) -> tuple[np.ndarray, np.ndarray]:
     if sum(sections) != head_dim // 2:
-        raise ValueError(f"mrope sections {tuple(sections)} must sum to head_dim/2 = {head_dim // 2}")
+        raise ValueError(
+            f"mrope sections {tuple(sections)} must sum to head_dim/2 = {head_dim // 2}"
+        )
     freqs, _ = rope_1d(head_dim, theta)
     return freqs, np.repeat(np.arange(len(sections)), sections).astype(np.int32)
 

@@ -93,8 +93,10 @@ def named_shardings(state, mesh: Mesh, rules: Rules):
     def one(v):
         value = v.get_value() if hasattr(v, "get_value") else v
         spec = logical_to_spec(_axes_of(v), rules, getattr(value, "shape", None), mesh)
-        return v.replace(NamedSharding(mesh, spec)) if hasattr(v, "replace") else NamedSharding(
-            mesh, spec
+        return (
+            v.replace(NamedSharding(mesh, spec))
+            if hasattr(v, "replace")
+            else NamedSharding(mesh, spec)
         )
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

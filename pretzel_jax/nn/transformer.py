@@ -40,14 +40,18 @@ class TransformerConfig:
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {self.remat!r}; use one of {list(REMAT_POLICIES)}")
+            raise ValueError(
+                f"unknown remat policy {self.remat!r}; use one of {list(REMAT_POLICIES)}"
+            )
 
 
 class TransformerLayer(nnx.Module):
     """x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-        kw = dict(param_dtype=jnp.dtype(cfg.param_dtype), compute_dtype=jnp.dtype(cfg.compute_dtype))
+        kw = dict(
+            param_dtype=jnp.dtype(cfg.param_dtype), compute_dtype=jnp.dtype(cfg.compute_dtype)
+        )
         self.attn_norm = make_norm(cfg.norm, cfg.dim, eps=cfg.norm_eps)
         self.attn = Attention(
             cfg.dim,
@@ -86,7 +90,9 @@ class LayerStack(nnx.Module):
         self.cfg = cfg
 
     def init_cache(self, batch: int, size: int, dtype=jnp.float32) -> KVCache:
-        one = KVCache.init(batch, size, self.cfg.kv_heads or self.cfg.heads, self.cfg.head_dim, dtype)
+        one = KVCache.init(
+            batch, size, self.cfg.kv_heads or self.cfg.heads, self.cfg.head_dim, dtype
+        )
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers, *a.shape)), one)
 
     def __call__(self, x, *, rope=None, mask=None, kv_mask=None, cache: KVCache | None = None):

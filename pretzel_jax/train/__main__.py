@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, overrides=overrides)
         default_dir = Path("runs") / Path(args.config.split(".py:")[0]).stem
         train(config, args.run_dir or config.run_dir or default_dir)
-    except (ConfigError, CheckpointError, NonFiniteError) as e:
+    except (ConfigError, CheckpointError, NonFiniteError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

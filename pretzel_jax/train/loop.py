@@ -103,10 +103,14 @@ class _Run:
         log.info("resuming from %s/%d", self.checkpointer.directory, latest)
         return self.checkpointer.restore(latest, self.setup.abstract, self.data)
 
-    def _eval_iterator(self, split: str) -> Iterator[dict[str, np.ndarray]]:
-        """One unshuffled epoch of `split` in eval batches."""
+    def _eval_iterator(
+        self, split: str, drop_remainder: bool = False
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """One unshuffled epoch of `split` in eval batches; the whole split unless
+        `drop_remainder` (the sharded eval step needs full batches)."""
         data_cfg = self.cfg.data.copy_and_resolve_references()
         data_cfg.batch_size = data_cfg.eval_batch_size
+        data_cfg.drop_remainder = drop_remainder
         return self.make_iterator(data_cfg, split, shuffle=False, num_epochs=1, **self.process)
 
     def _fetch(self) -> None:
@@ -139,7 +143,7 @@ class _Run:
     def evaluate(self, state: TrainState, step: int) -> None:
         key = eval_key(self.cfg.seed)
         rows = []
-        batches = self._eval_iterator(self.cfg.data.eval_split)
+        batches = self._eval_iterator(self.cfg.data.eval_split, drop_remainder=True)
         for _, batch in zip(range(self.cfg.train.eval_batches), batches):
             batch = shard_batch(batch, self.setup.mesh, self.setup.rules)
             rows.append(self.eval_step(state.params, batch, self.rest, key))

@@ -140,8 +140,10 @@ def test_gaussian_product_rule_matches_the_product_density_and_stays_valid():
     # N_c^(1+w) / N_u^w: precision (1+w)/sc^2 - w/su^2, mean from the natural parameters.
     prec = (1 + w) / sigma_c**2 - w / sigma_u**2
     np.testing.assert_allclose(1 / sigma**2, prec, rtol=1e-5)
-    np.testing.assert_allclose(mu, ((1 + w) * mu_c / sigma_c**2 - w * mu_u / sigma_u**2) / prec, rtol=1e-5)
-    # sigma_u < sigma_c would make the precision negative: the clip keeps sigma finite and <= sigma_c.
+    np.testing.assert_allclose(
+        mu, ((1 + w) * mu_c / sigma_c**2 - w * mu_u / sigma_u**2) / prec, rtol=1e-5
+    )
+    # sigma_u < sigma_c would make the precision negative: the clip keeps sigma <= sigma_c.
     _, sigma_clip = gaussian_product(0.0, 1.0, 0.0, 0.5, 5.0)
     assert np.isfinite(sigma_clip) and sigma_clip <= 1.0
 

@@ -34,7 +34,9 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     mask = make_mask(jnp.arange(5), jnp.arange(5))
     mask = jnp.broadcast_to(mask, (2, 5, 5))
     gqa = dot_product_attention(q, k, v, mask, 8**-0.5)
-    mha = dot_product_attention(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), mask, 8**-0.5)
+    mha = dot_product_attention(
+        q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), mask, 8**-0.5
+    )
     np.testing.assert_allclose(gqa, mha, atol=1e-6)
 
 
