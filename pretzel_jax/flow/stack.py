@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -43,7 +44,12 @@ class DeepShallowFlow(nnx.Module):
         # Shallow blocks see only the image tokens: the last n slots of the deep block's positions.
         return None if positions is None else positions[:, positions.shape[1] - n :]
 
+    def _check_tokens(self, x):
+        chex.assert_rank(x, 3)
+        chex.assert_axis_dimension(x, 2, self.config.token_dim)
+
     def forward_all(self, x, context=None, context_mask=None, positions=None) -> FlowOutput:
+        self._check_tokens(x)
         n = x.shape[1]
         outputs, logdets = [], []
         h = x
@@ -76,6 +82,7 @@ class DeepShallowFlow(nnx.Module):
         """z -> x: the deep block first (guided when `uncond_context` is given), then the shallow
         blocks in reverse order, unguided. Sequential with KV caches; wrap in `jit` to compile
         once (the token loop is a `lax.scan`)."""
+        self._check_tokens(z)
         n = z.shape[1]
         h = self.deep.inverse(
             z,
