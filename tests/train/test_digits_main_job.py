@@ -1,6 +1,7 @@
 """The README's main job at its smoke size, end to end, and the CLI's one-line errors."""
 
 import json
+import math
 
 import pytest
 
@@ -29,7 +30,7 @@ def test_digits_flow_trains_checkpoints_and_reports(data_dir, tmp_path):
         "baseline_gaussian_bits_per_dim",
         "improvement_vs_gaussian",
     ):
-        assert key in report and report[key] == report[key]  # present and not NaN
+        assert math.isfinite(report[key]), key
     assert report["heldout_examples"] == 360  # the whole test split
     assert (tmp_path / "samples_cfg1.png").stat().st_size > 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
