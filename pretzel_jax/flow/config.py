@@ -15,6 +15,7 @@ class FlowConfig:
     token_dim: int  # D: dimension of one latent/patch token
     width: int = 128
     head_dim: int = 64
+    kv_heads: int | None = None  # grouped-query attention; None = one KV head per head
     # Layers of each AF block in data->noise order; the LAST entry is the deep block, the others
     # are shallow blocks (STARFlow: [2, 2, 2, 2, 2, 24]; STARFlow2: [4, 4, 24]).
     layers_per_block: tuple[int, ...] = (2, 2, 4)
@@ -28,6 +29,7 @@ class FlowConfig:
     # shallow blocks alternate so the one next to the deep block is flipped.
     permutations: tuple[str, ...] | None = None
     norm: str = "layer_norm"
+    norm_eps: float = 1e-5
     mlp_kind: str = "gelu"
     rope: str = "1d"  # "sectioned" needs positions (B, L, len(rope_sections)) from the caller
     rope_sections: tuple[int, ...] = ()
@@ -86,9 +88,11 @@ class FlowConfig:
             dim=self.width,
             heads=self.width // self.head_dim,
             head_dim=self.head_dim,
+            kv_heads=self.kv_heads,
             mlp_hidden=int(self.width * self.mlp_ratio),
             mlp_kind=self.mlp_kind,
             norm=self.norm,
+            norm_eps=self.norm_eps,
             rope_interleaved=self.rope_interleaved,
             remat=self.remat,
             param_dtype=self.param_dtype,

@@ -92,7 +92,9 @@ def make_norm(kind: str, dim: int, **kw) -> LayerNorm | RMSNorm:
         return LayerNorm(dim, **kw)
     if kind == "rms_norm":
         return RMSNorm(dim, **kw)
-    raise ValueError(f"unknown norm {kind!r}; use 'layer_norm' or 'rms_norm'")
+    if kind == "rms_norm_unit":  # weight stored as w, applied as (1 + w): STARFlow, Gemma
+        return RMSNorm(dim, unit_offset=True, **kw)
+    raise ValueError(f"unknown norm {kind!r}; use 'layer_norm', 'rms_norm' or 'rms_norm_unit'")
 
 
 class MLP(nnx.Module):

@@ -1,0 +1,218 @@
+"""Parity with apple/ml-starflow on every fixture under ../shared/fixtures/starflow/, and the
+import/export round trips and errors of the port."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pretzel_jax.convert import starflow as sf
+from pretzel_jax.flow import FlowConfig, latent_norm_penalty, nll_per_dim
+from pretzel_jax.flow.latent_flow import LatentFlow, LatentFlowConfig
+from pretzel_jax.sample import latent_flow as store
+
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "starflow"
+FIXTURE_DIRS = sorted(p for p in FIXTURES.glob("*") if (p / "constructor.json").exists())
+LATENT_REG = 1e-4  # train.py's latent_norm_regularization, applied in the fixtures' loss
+
+
+def test_fixtures_are_there():
+    assert len(FIXTURE_DIRS) >= 2, f"expected ml-starflow fixtures under {FIXTURES}"
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def nchw_to_nhwc(a):
+    return jnp.asarray(a).transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="module", params=FIXTURE_DIRS, ids=lambda p: p.name)
+def ported(request):
+    d = request.param
+    cfg = sf.config_from_constructor(sf.read_constructor(d / "constructor.json"))
+    tensors = sf.read_safetensors(d / "model.safetensors")
+    return d, cfg, tensors, sf.import_state_dict(tensors, cfg), dict(np.load(d / "io.npz"))
+
+
+def test_forward_matches_reference(ported):
+    _, cfg, _, model, io = ported
+    y = jnp.asarray(io["y"]) if "y" in io else None
+    out = model.forward_all(nchw_to_nhwc(io["x"]), y)
+    assert rel_err(out.z, io["z_tokens"]) < 1e-5
+    assert rel_err(out.logdet, io["logdet_sum"]) < 1e-5
+    for i, (h, ld) in enumerate(zip(out.block_outputs, out.block_logdets, strict=True)):
+        assert rel_err(h, io[f"block_out_{i}"]) < 1e-5, f"block {i}"
+        assert rel_err(ld, io[f"logdet_block_{i}"]) < 1e-5, f"block {i}"
+    dims = out.z.shape[1] * out.z.shape[2]
+    assert rel_err(0.5 * jnp.mean(jnp.square(out.z)), io["loss_z"]) < 1e-5
+    assert rel_err(-out.logdet.mean() / dims, io["loss_logdet"]) < 1e-5
+    loss = nll_per_dim(out.z, out.logdet).mean()
+    assert rel_err(loss, io["loss"]) < 1e-5
+    reg = latent_norm_penalty([model.tokens(nchw_to_nhwc(io["x"])), *out.block_outputs[:-1]])
+    assert rel_err(loss + LATENT_REG * reg, io["loss_with_latent_reg"]) < 1e-5
+
+
+def test_samples_match_reference(ported):
+    _, _, _, model, io = ported
+    y = jnp.asarray(io["y"]) if "y" in io else None
+    noise = nchw_to_nhwc(io["z_noise"])
+    g0 = model.sample(noise, y)
+    np.testing.assert_allclose(g0, nchw_to_nhwc(io["sample_g0"]), rtol=0, atol=1e-4)
+    if "sample_g2" in io:
+        g2 = model.sample(noise, y, guidance=2.0, uncond_context=jnp.asarray(io["y_uncond"]))
+        np.testing.assert_allclose(g2, nchw_to_nhwc(io["sample_g2"]), rtol=0, atol=1e-4)
+        assert np.abs(np.asarray(g2) - np.asarray(g0)).max() > 1e-2  # guidance did something
+
+
+def test_export_reproduces_the_reference_state_dict_bit_exactly(ported):
+    _, _, tensors, model, _ = ported
+    exported = sf.export_state_dict(model)
+    assert set(exported) == set(tensors)
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+
+def _random_model(cfg: LatentFlowConfig, seed: int) -> LatentFlow:
+    model = LatentFlow(cfg, rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [a + 0.1 * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, noisy))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),  # the fixture's family
+        dict(seq_order="R2L", norm_type="rms_norm", num_kv_heads=1, hf_style_rope=True),
+    ],
+)
+def test_export_import_round_trip_is_bit_exact(options):
+    kwargs = json.loads((FIXTURE_DIRS[-1] / "constructor.json").read_text())["kwargs"]
+    cfg = sf.config_from_constructor({**kwargs, **options})
+    model = _random_model(cfg, seed=3)
+    back = sf.import_state_dict(sf.export_state_dict(model), cfg)
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(back)), strict=True
+    ):
+        np.testing.assert_array_equal(a.get_value(), b.get_value(), err_msg=str(path))
+    assert sf.config_from_constructor(sf.constructor_from_config(cfg)) == cfg
+
+
+def test_options_map_to_the_flow():
+    kwargs = json.loads((FIXTURE_DIRS[0] / "constructor.json").read_text())["kwargs"]
+    cfg = sf.config_from_constructor({**kwargs, "seq_order": "R2L", "norm_type": "rms_norm"})
+    assert cfg.flow.block_permutations == ("identity", "flip", "identity")
+    assert (cfg.flow.norm, cfg.flow.norm_eps) == ("rms_norm_unit", 1e-6)
+
+
+# -- bad input: one clear error naming the tensor or option ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_fixture():
+    d = next(p for p in FIXTURE_DIRS if "y" in np.load(p / "io.npz"))
+    cfg = sf.config_from_constructor(sf.read_constructor(d / "constructor.json"))
+    return d, cfg, sf.read_safetensors(d / "model.safetensors")
+
+
+def test_mismatched_state_dict_names_every_problem(text_fixture):
+    _, cfg, tensors = text_fixture
+    bad = dict(tensors)
+    del bad["blocks.1.proj_in.bias"]
+    bad["blocks.2.attn_blocks.1.attention.qkv.weight"] = np.zeros((10, 64), np.float32)
+    bad["blocks.9.extra"] = np.zeros(3, np.float32)
+    with pytest.raises(sf.ConversionError) as e:
+        sf.import_state_dict(bad, cfg)
+    msg = str(e.value)
+    assert "3 problems" in msg
+    assert "missing tensor blocks.1.proj_in.bias" in msg
+    assert "blocks.2.attn_blocks.1.attention.qkv.weight has shape [10, 64], expected [192, 64]" in (
+        msg
+    )
+    assert "unexpected tensor blocks.9.extra" in msg
+
+
+def test_wrapper_prefix_is_stripped(text_fixture):
+    _, cfg, tensors = text_fixture
+    model = sf.import_state_dict({f"module.{k}": v for k, v in tensors.items()}, cfg)
+    np.testing.assert_array_equal(
+        sf.export_state_dict(model)["blocks.0.sos_embed"], tensors["blocks.0.sos_embed"]
+    )
+
+
+@pytest.mark.parametrize(
+    "option", [dict(use_swiglu=True), dict(cond_top_only=False), dict(use_qk_norm=True)]
+)
+def test_unsupported_options_are_refused_by_name(text_fixture, option):
+    d, _, _ = text_fixture
+    kwargs = sf.read_constructor(d / "constructor.json")
+    with pytest.raises(sf.ConversionError, match=next(iter(option))):
+        sf.config_from_constructor({**kwargs, **option})
+
+
+def test_pickles_and_missing_files_are_refused(tmp_path):
+    (tmp_path / "model.pth").write_bytes(b"not read")
+    with pytest.raises(sf.ConversionError, match="weights_only=True"):
+        sf.read_safetensors(tmp_path / "model.pth")
+    with pytest.raises(sf.ConversionError, match="does not exist"):
+        sf.read_safetensors(tmp_path / "nothing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(sf.ConversionError, match="not a readable safetensors"):
+        sf.read_safetensors(tmp_path / "junk.safetensors")
+
+
+def test_non_reference_flows_cannot_be_exported(text_fixture):
+    _, cfg, _ = text_fixture
+    odd = dataclasses.replace(cfg.flow, permutations=("identity", "identity", "flip"))
+    with pytest.raises(sf.ConversionError, match="no ml-starflow equivalent"):
+        sf.constructor_from_config(dataclasses.replace(cfg, flow=odd))
+
+
+# -- command line: import -> Orbax checkpoint the sampler loads -> export -----------------------
+
+
+def test_cli_import_sample_export(text_fixture, tmp_path):
+    d, _, tensors = text_fixture
+    ckpt = tmp_path / "ckpt"
+    args = ["--in", str(d / "model.safetensors"), "--config", str(d / "constructor.json")]
+    assert sf.main([*args, "--out", str(ckpt)]) == 0
+    assert sf.main([*args, "--out", str(ckpt)]) == 2  # refuses to overwrite
+
+    model = store.load(ckpt)
+    io = np.load(d / "io.npz")
+    y = jnp.asarray(io["y"])
+    g2 = model.sample(nchw_to_nhwc(io["z_noise"]), y, guidance=2.0, uncond_context=0 * y)
+    np.testing.assert_allclose(g2, nchw_to_nhwc(io["sample_g2"]), rtol=0, atol=1e-4)
+    latents = store.sample(model, jax.random.key(0), 3, io["y"][0], guidance=2.0)
+    assert latents.shape == (3, 4, 4, 3) and bool(jnp.isfinite(latents).all())
+
+    out = tmp_path / "back.safetensors"
+    assert sf.main(["--export", str(ckpt), "--out", str(out)]) == 0
+    back = sf.read_safetensors(out)
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
+    kwargs = json.loads(out.with_suffix(".constructor.json").read_text())["kwargs"]
+    assert sf.config_from_constructor(kwargs) == model.config
+
+
+def test_sampler_refuses_a_non_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a latent-flow checkpoint"):
+        store.load(tmp_path)
+
+
+def test_flow_config_defaults_unchanged():
+    # The port adds kv_heads / norm_eps knobs; their defaults keep earlier flows identical.
+    f = FlowConfig(token_dim=4)
+    assert f.transformer.kv_heads is None and f.transformer.norm_eps == 1e-5
