@@ -1,0 +1,402 @@
+"""Fused flow-affine kernels vs their references (CPU interpret mode), lowering, sharding.
+
+Both kernel bodies run here: the TPU body (what interpret mode uses by default) and the Triton
+body (masked loads/stores, D padded to a power of two, C walked in chunks), forced through a
+private test hook. Kernel outputs are NaN-poisoned before each run, so an element the kernel
+fails to write shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pretzel_jax.kernels import flow_affine as fa
+
+F32_TOL = 1e-5
+BF16_TOL = 1e-2
+GRAD_TOL = 1e-4
+SAMPLE_TOL = 1e-6
+
+
+def rel_err(actual, expected) -> float:
+    """max |actual - expected| / max |expected|; NaN anywhere in `actual` gives inf."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    if not np.all(np.isfinite(actual)):
+        return math.inf
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+def make_inputs(seed, b, n, c, d, dtype=jnp.float32, scale=0.4):
+    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    h = jax.random.normal(k[0], (b, n, c), jnp.float32).astype(dtype)
+    w = (jax.random.normal(k[1], (c, 2 * d)) * scale / math.sqrt(c) * 4).astype(dtype)
+    bias = jax.random.normal(k[2], (2 * d,)) * scale
+    x = jax.random.normal(k[3], (b, n, d))
+    return h, w, bias, x
+
+
+def pallas(h, w, b, x, *, soft_clip, use_softplus, body="tpu", block_n=16, batch_axes=()):
+    """The kernel path with poisoned outputs; a fresh jit (one compile, never a stale cache)."""
+    cfg = fa._Cfg(soft_clip, use_softplus, block_n, True, variant=body, poison=True)
+    return jax.jit(lambda *a: fa._affine_forward_pallas(*a, cfg, batch_axes))(h, w, b, x)
+
+
+def numpy_oracle(h, w, b, x, soft_clip, use_softplus):
+    """Independent float64 NumPy version of the math, to check the jnp reference itself."""
+    h, w, b, x = (np.asarray(v, np.float64) for v in (h, w, b, x))
+    o = h @ w + b
+    if soft_clip > 0:
+        o = soft_clip * np.tanh(o / soft_clip)
+    d = x.shape[-1]
+    a, mu = o[..., :d], o[..., d:]
+    sigma = np.log1p(np.exp(a + np.log(np.e - 1))) if use_softplus else np.exp(a)
+    z = (x - mu) / sigma
+    return z, np.log(sigma).sum((1, 2)), (z**2).sum((1, 2))
+
+
+# (B, N, C, D, block_n): N and D not multiples of block_n / 8; one N < block_n; one exact fit.
+SHAPES = [(2, 37, 48, 5, 16), (1, 8, 32, 3, 16), (3, 64, 40, 12, 32), (2, 50, 96, 16, 32)]
+MODES = [(4.0, True), (0.0, False), (3.0, False), (0.0, True)]
+
+
+@pytest.mark.parametrize(
+    ("case", "body"),
+    [(0, "tpu"), (1, "tpu"), (2, "tpu"), (3, "tpu"), (0, "triton"), (2, "triton"), (3, "triton")],
+)
+def test_forward_matches_reference(case, body):
+    b, n, c, d, block_n = SHAPES[case]
+    soft_clip, use_softplus = MODES[case]
+    h, w, bias, x = make_inputs(case, b, n, c, d)
+    kw = dict(soft_clip=soft_clip, use_softplus=use_softplus)
+    ref = fa.affine_forward_reference(h, w, bias, x, **kw)
+    out = pallas(h, w, bias, x, body=body, block_n=block_n, **kw)
+    for name, o, r, oracle in zip(("z", "sls", "sz2"), out, ref, numpy_oracle(h, w, bias, x, **kw)):
+        assert o.shape == r.shape and o.dtype == jnp.float32, name
+        assert rel_err(r, oracle) < F32_TOL, f"reference {name} vs numpy"
+        assert rel_err(o, r) < F32_TOL, f"{name}: {rel_err(o, r):.2e}"
+
+
+@pytest.mark.parametrize("body", ["tpu", "triton"])
+def test_forward_bf16_operands(body):
+    h, w, bias, x = make_inputs(7, 2, 45, 64, 6, dtype=jnp.bfloat16)
+    kw = dict(soft_clip=4.0, use_softplus=True)
+    out = pallas(h, w, bias, x, body=body, block_n=16, **kw)
+    oracle = numpy_oracle(h.astype(jnp.float32), w.astype(jnp.float32), bias, x, **kw)
+    for name, o, r in zip(("z", "sls", "sz2"), out, oracle):
+        assert rel_err(o, r) < BF16_TOL, f"{name}: {rel_err(o, r):.2e}"
+
+
+def _loss(fn, cots):
+    """A scalar using all three outputs with random weights."""
+    cz, cs, cq = cots
+
+    def loss(h, w, b, x):
+        z, sls, sz2 = fn(h, w, b, x)
+        return jnp.sum(z * cz) + jnp.sum(sls * cs) + jnp.sum(sz2 * cq)
+
+    return loss
+
+
+def grad(loss, argnums=(0, 1, 2, 3)):
+    return jax.jit(jax.grad(loss, argnums=argnums))
+
+
+def _cotangents(seed, b, n, d):
+    k = jax.random.split(jax.random.PRNGKey(100 + seed), 3)
+    return (
+        jax.random.normal(k[0], (b, n, d)),
+        jax.random.normal(k[1], (b,)),
+        jax.random.normal(k[2], (b,)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "body"), [(0, "tpu"), (1, "tpu"), (2, "tpu"), (0, "triton"), (1, "triton")]
+)
+def test_gradients_match_reference(case, body):
+    b, n, c, d, block_n = [(2, 37, 48, 5, 16), (1, 19, 32, 7, 16), (2, 40, 64, 16, 32)][case]
+    soft_clip, use_softplus = MODES[case]
+    h, w, bias, x = make_inputs(case, b, n, c, d)
+    cots = _cotangents(case, b, n, d)
+    kw = dict(soft_clip=soft_clip, use_softplus=use_softplus)
+    ref = lambda *a: fa.affine_forward_reference(*a, **kw)
+    ker = lambda *a: pallas(*a, body=body, block_n=block_n, **kw)
+    args = (h, w, bias, x)
+    g_ref = grad(_loss(ref, cots), argnums=(0, 1, 2, 3))(*args)
+    g_ker = grad(_loss(ker, cots), argnums=(0, 1, 2, 3))(*args)
+    for name, gk, gr, a in zip(("h", "w", "b", "x"), g_ker, g_ref, args):
+        assert gk.shape == a.shape and gk.dtype == a.dtype, name
+        assert rel_err(gk, gr) < GRAD_TOL, f"grad {name}: {rel_err(gk, gr):.2e}"
+
+
+def test_bf16_gradients_dtypes_and_values():
+    h, w, bias, x = make_inputs(3, 2, 21, 32, 4, dtype=jnp.bfloat16)
+    cots = _cotangents(3, 2, 21, 4)
+    kw = dict(soft_clip=4.0, use_softplus=True)
+    f32 = lambda v: v.astype(jnp.float32)
+    ref = lambda h, w, b, x: fa.affine_forward_reference(f32(h), f32(w), b, x, **kw)
+    ker = lambda *a: pallas(*a, body="tpu", **kw)
+    g_ref = grad(_loss(ref, cots), argnums=(0, 1, 2, 3))(h, w, bias, x)
+    g_ker = grad(_loss(ker, cots), argnums=(0, 1, 2, 3))(h, w, bias, x)
+    for name, gk, gr, a in zip(("h", "w", "b", "x"), g_ker, g_ref, (h, w, bias, x)):
+        assert gk.dtype == a.dtype, name
+        assert rel_err(gk, gr) < 2e-2, f"grad {name}: {rel_err(gk, gr):.2e}"
+
+
+def test_checks_catch_a_wrong_kernel(monkeypatch):
+    """A kernel with z's sign flipped fails both the forward and the gradient comparison."""
+    h, w, bias, x = make_inputs(0, 2, 37, 48, 5)
+    kw = dict(soft_clip=4.0, use_softplus=True)
+    ref = fa.affine_forward_reference(h, w, bias, x, **kw)
+    g_ref = grad(
+        _loss(lambda *a: fa.affine_forward_reference(*a, **kw), _cotangents(0, 2, 37, 5))
+    )
+    tile = fa._affine_tile
+
+    def flipped(*args):
+        a, sigma, log_sigma, z, da, dm = tile(*args)
+        return a, sigma, log_sigma, -z, da, dm
+
+    monkeypatch.setattr(fa, "_affine_tile", flipped)
+    out = pallas(h, w, bias, x, **kw)
+    assert rel_err(out[0], ref[0]) > 1.0
+    ker = lambda *a: pallas(*a, **kw)
+    g_ker = grad(_loss(ker, _cotangents(0, 2, 37, 5)))
+    errs = [rel_err(a, b) for a, b in zip(g_ker(h, w, bias, x), g_ref(h, w, bias, x))]
+    assert min(errs) > 1e-2, errs  # every gradient (h, w, b, x) is wrong
+
+
+@pytest.mark.parametrize("body", ["tpu", "triton"])
+def test_poison_catches_unwritten_rows(monkeypatch, body):
+    """With the row stores skipped, the NaN-poisoned outputs come back NaN: the poison works."""
+    monkeypatch.setattr(fa, "_store_rows", lambda *args: None)
+    h, w, bias, x = make_inputs(0, 2, 37, 48, 5)
+    z, _, _ = pallas(h, w, bias, x, soft_clip=0.0, use_softplus=True, body=body)
+    assert bool(jnp.all(jnp.isnan(z)))
+
+
+def test_public_api_pallas_and_xla_agree():
+    h, w, bias, x = make_inputs(11, 2, 33, 32, 8)
+    kw = dict(soft_clip=4.0, use_softplus=True)
+    ref = fa.affine_forward(h, w, bias, x, impl="xla", **kw)
+    out = fa.affine_forward(h, w, bias, x, impl="pallas", block_n=16, **kw)
+    for o, r in zip(out, ref):
+        assert rel_err(o, r) < F32_TOL
+    with pytest.raises(ValueError, match="pallas"):
+        fa.affine_forward(h, w, bias, x, impl="triton", **kw)
+    with pytest.raises(ValueError, match="pallas"):
+        fa.guided_sample_step(x[:, 0], x[:, 0], x[:1, 0], 1.0, use_softplus=True, impl="mosaic")
+
+
+def test_fallback_logs_reason_once(caplog, monkeypatch):
+    monkeypatch.setattr(fa, "_logged_reasons", set())
+    h, w, bias, x = make_inputs(1, 1, 16, 32, 4)
+    kw = dict(soft_clip=4.0, use_softplus=True)
+    ok, reason = fa.is_supported("pallas", h, w, x, block_n=24)
+    assert not ok and "power of two" in reason
+    with caplog.at_level(logging.WARNING, logger=fa.__name__):
+        out = fa.affine_forward(h, w, bias, x, impl="pallas", block_n=24, **kw)
+        fa.affine_forward(h, w, bias, x, impl="pallas", block_n=24, **kw)
+    ref = fa.affine_forward_reference(h, w, bias, x, **kw)
+    for o, r in zip(out, ref):
+        np.testing.assert_array_equal(o, r)
+    logged = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
+    assert len(logged) == 1 and "block_n=24" in logged[0]
+
+
+def test_is_supported_rules():
+    s = jax.ShapeDtypeStruct
+    h, w, x = s((2, 64, 40), jnp.float32), s((40, 8), jnp.float32), s((2, 64, 4), jnp.float32)
+    assert fa.is_supported("xla", h, w, x)[0]
+    assert fa.is_supported("pallas", h, w, x, platform="interpret")[0]
+    assert fa.is_supported("pallas", h, w, x, platform="tpu")[0]
+    ok, reason = fa.is_supported("pallas", h, w, x, platform="gpu")
+    assert not ok and "multiple of 16" in reason
+    ok, reason = fa.is_supported("pallas", h, w, x, interpret=False)  # CPU host: TPU and GPU
+    assert not ok and "Triton" in reason
+    big_h, big_w = s((1, 4096, 16384), jnp.float32), s((16384, 128), jnp.float32)
+    ok, reason = fa.is_supported(
+        "pallas", big_h, big_w, s((1, 4096, 64), jnp.float32), block_n=1024, platform="tpu"
+    )
+    assert not ok and "VMEM" in reason
+    ok, reason = fa.is_supported("pallas", s((2, 8, 32), jnp.int32), s((32, 8), jnp.float32), x)
+    assert not ok and "int32" in reason
+    assert not fa.is_supported("cudnn")[0]
+
+
+# -- sampling -----------------------------------------------------------------------------------
+
+
+def _gaussian_product(mu_c, sigma_c, mu_u, sigma_u, w):
+    """The flow package's CFG rule (pretzel_jax/flow/guidance.py), as an independent check."""
+    from pretzel_jax.flow.guidance import gaussian_product
+
+    return gaussian_product(mu_c, sigma_c, mu_u, sigma_u, w)
+
+
+def _sample_inputs(seed, b, d):
+    k = jax.random.split(jax.random.PRNGKey(200 + seed), 3)
+    return (
+        jax.random.normal(k[0], (2 * b, d)) * 1.5,
+        jax.random.normal(k[1], (2 * b, d)),
+        jax.random.normal(k[2], (b, d)),
+    )
+
+
+def _sigma(a, use_softplus):
+    return jax.nn.softplus(a + fa.SOFTPLUS_ONE) if use_softplus else jnp.exp(a)
+
+
+@pytest.mark.parametrize("body", ["tpu", "triton"])
+@pytest.mark.parametrize("use_softplus", [True, False])
+def test_guided_sample_step(body, use_softplus):
+    b, d = 5, 7
+    a, mu, z = _sample_inputs(int(use_softplus), b, d)
+    cfg = fa._Cfg(0.0, use_softplus, None, True, variant=body, poison=True)
+    run = lambda w: fa._guided_sample_pallas(a, mu, z, w, cfg)
+    sc, su = _sigma(a[:b], use_softplus), _sigma(a[b:], use_softplus)
+
+    x0, mu0, s0 = run(0.0)  # w = 0: exactly the conditional parameters
+    np.testing.assert_array_equal(mu0, mu[:b])
+    np.testing.assert_array_equal(s0, sc)
+    assert rel_err(x0, mu[:b] + sc * z) < SAMPLE_TOL
+
+    for w, out in ((2.0, run(2.0)), (1.5, jax.jit(run)(jnp.float32(1.5)))):  # traced w too
+        mu_g, sigma_g = _gaussian_product(mu[:b], sc, mu[b:], su, w)
+        ref = fa.guided_sample_step_reference(a, mu, z, w, use_softplus=use_softplus)
+        for o, r, indep in zip(out, ref, (mu_g + sigma_g * z, mu_g, sigma_g)):
+            assert o.shape == (b, d) and o.dtype == jnp.float32
+            assert rel_err(r, indep) < SAMPLE_TOL
+            assert rel_err(o, r) < SAMPLE_TOL
+        assert rel_err(out[1], mu[:b]) > 1e-2  # guidance moved the mean
+
+
+def test_guided_sample_step_public_api():
+    a, mu, z = _sample_inputs(9, 3, 4)
+    kw = dict(use_softplus=True)
+    ref = fa.guided_sample_step(a, mu, z, 3.0, impl="xla", **kw)
+    out = jax.jit(lambda w: fa.guided_sample_step(a, mu, z, w, impl="pallas", **kw))(3.0)
+    for o, r in zip(out, ref):
+        assert rel_err(o, r) < SAMPLE_TOL
+
+
+# -- lowering for accelerators from this CPU host -----------------------------------------------
+
+S = jax.ShapeDtypeStruct
+LOWER_ARGS = (
+    S((2, 200, 256), jnp.bfloat16),
+    S((256, 128), jnp.bfloat16),
+    S((128,), jnp.float32),
+    S((2, 200, 64), jnp.float32),
+)
+SAMPLE_ARGS = (
+    S((8, 64), jnp.float32),
+    S((8, 64), jnp.float32),
+    S((4, 64), jnp.float32),
+    S((), jnp.float32),
+)
+
+
+def _lowering_fns():
+    kw = dict(soft_clip=4.0, use_softplus=True, impl="pallas", interpret=False)
+    fwd = lambda h, w, b, x: fa.affine_forward(h, w, b, x, **kw)
+
+    def loss(h, w, b, x):
+        z, sls, sz2 = fwd(h, w, b, x)
+        return jnp.sum(z) + jnp.sum(sls) + jnp.sum(sz2)
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+    sample = lambda a, mu, z, w: fa.guided_sample_step(
+        a, mu, z, w, use_softplus=True, impl="pallas", interpret=False
+    )
+    return [
+        ("forward", fwd, LOWER_ARGS),
+        ("grad", grad, LOWER_ARGS),
+        ("sample", sample, SAMPLE_ARGS),
+    ]
+
+
+def _lower_text(fn, args, platform):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+KERNELS = {
+    "forward": ["flow_affine_fwd"],
+    "grad": ["flow_affine_fwd", "flow_affine_bwd"],
+    "sample": ["flow_guided_sample"],
+}
+
+
+def test_lowers_for_tpu():
+    for name, fn, args in _lowering_fns():
+        text = _lower_text(fn, args, "tpu")
+        assert text.count("tpu_custom_call") == len(KERNELS[name]), name
+        assert all(k in text for k in KERNELS[name]), name
+        assert "triton" not in text, name
+
+
+def _gpu_lowering_context():
+    """jax >= 0.11 needs a named GPU target to lower Triton without a GPU present."""
+    import contextlib
+
+    if hasattr(jax.sharding, "AbstractDevice"):
+        device = jax.sharding.AbstractDevice(
+            device_kind="NVIDIA H100", num_cores=132, platform="cuda"
+        )
+        mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+        return jax.sharding.use_abstract_mesh(mesh)
+    return contextlib.nullcontext()
+
+
+def test_lowers_for_gpu_triton():
+    for name, fn, args in _lowering_fns():
+        try:
+            text = _lower_text(fn, args, "cuda")
+        except Exception as e:  # noqa: BLE001 - report why, then try the 0.12 route
+            try:
+                with _gpu_lowering_context():
+                    text = _lower_text(fn, args, "cuda")
+            except Exception as e2:  # noqa: BLE001
+                pytest.skip(f"Triton lowering unavailable on jax {jax.__version__}: {e!r}; {e2!r}")
+        assert text.count("__gpu$xla.gpu.triton") == len(KERNELS[name]), name
+        assert all(k in text for k in KERNELS[name]), name
+        assert "tpu_custom_call" not in text, name
+
+
+# -- sharding -----------------------------------------------------------------------------------
+
+
+def test_sharded_jit_forward_and_grad():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+    h, w, bias, x = make_inputs(5, 8, 21, 32, 6)
+    cots = _cotangents(5, 8, 21, 6)
+    kw = dict(soft_clip=4.0, use_softplus=True)
+    ker = lambda h, w, b, x: fa.affine_forward(h, w, b, x, impl="pallas", block_n=16, **kw)
+    ref = lambda *a: fa.affine_forward_reference(*a, **kw)
+    want = ref(h, w, bias, x)
+    want_g = grad(_loss(ref, cots), argnums=(0, 1, 2, 3))(h, w, bias, x)
+    grad_fn = jax.jit(grad(_loss(ker, cots), argnums=(0, 1, 2, 3)))
+    with jax.sharding.set_mesh(mesh):
+        batch = NamedSharding(mesh, P(("data", "fsdp")))
+        hs, xs = jax.device_put(h, batch), jax.device_put(x, batch)
+        ws, bs = (
+            jax.device_put(w, NamedSharding(mesh, P())),
+            jax.device_put(bias, NamedSharding(mesh, P())),
+        )
+        assert "shard_map" in str(jax.make_jaxpr(ker)(hs, ws, bs, xs))
+        out = jax.jit(ker)(hs, ws, bs, xs)
+        got_g = grad_fn(hs, ws, bs, xs)
+    assert out[0].sharding.spec[0] == ("data", "fsdp")
+    for o, r in zip(out, want):
+        assert rel_err(o, r) < F32_TOL
+    for name, g, r in zip(("h", "w", "b", "x"), got_g, want_g):
+        assert rel_err(g, r) < GRAD_TOL, f"grad {name}: {rel_err(g, r):.2e}"
