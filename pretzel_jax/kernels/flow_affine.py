@@ -447,27 +447,11 @@ def _fwd_build(cfg: _Cfg, body: str, target: str):
 
 
 def _bwd_kernel(
-    h_ref,
-    wa_ref,
-    wmu_ref,
-    ba_ref,
-    bmu_ref,
-    x_ref,
-    gz_ref,
-    gsls_ref,
-    gsz2_ref,
-    gh_ref,
-    gx_ref,
-    gwa_ref,
-    gwmu_ref,
-    gba_ref,
-    gbmu_ref,
-    *,
-    cfg,
-    n,
-    block_n,
-    body,
-):
+    h_ref, wa_ref, wmu_ref, ba_ref, bmu_ref, x_ref, gz_ref, gsls_ref, gsz2_ref, *outs,
+    cfg, n, block_n, body,
+):  # fmt: skip
+    """TPU body outs: gh, gx, gWa, gWmu, gba, gbmu (weight / bias grads accumulated per example).
+    Triton body outs: gh, gx, ga, gmu (head-output grads; the wrapper does the weight grads)."""
     c, d = wa_ref.shape
     oa, om = _head(h_ref, wa_ref, wmu_ref, ba_ref, bmu_ref, n=n, block_n=block_n, body=body)
     valid = _rows(block_n, d, n)
@@ -488,19 +472,21 @@ def _bwd_kernel(
         ga, gmu = ga * da, gmu * dm
     ga = jnp.where(valid, ga, 0.0)
     gmu = jnp.where(valid, gmu, 0.0)
+    gh_ref, gx_ref = outs[:2]
     _store_rows(gx_ref, gx, valid, body)
 
     cd = jnp.promote_types(h_ref.dtype, wa_ref.dtype)
     nt = (((1,), (1,)), ((), ()))  # (block_n, Dp) x (bc, Dp) -> (block_n, bc)
-    tn = (((0,), (0,)), ((), ()))  # (block_n, bc) x (block_n, Dp) -> (bc, Dp)
+    tn = (((0,), (0,)), ((), ()))  # (block_n, C) x (block_n, Dp) -> (C, Dp)
     mm = lambda p, q, dims: jax.lax.dot_general(
         p.astype(cd), q.astype(cd), dims, preferred_element_type=jnp.float32
     )
     ga_c, gmu_c = ga.astype(cd), gmu.astype(cd)
     if body == "tpu":
+        gwa_ref, gwmu_ref, gba_ref, gbmu_ref = outs[2:]
+
         # Weight / bias grads accumulate over the N-blocks of one example in the resident output
-        # block (the N grid axis is sequential, "arbitrary"): partials are (B, C, D), not
-        # (B, cdiv(N, block_n), C, D).
+        # block (the N grid axis is sequential, "arbitrary"): (B, C, D) partials only.
         @pl.when(pl.program_id(1) == 0)
         def _init():
             for ref in (gwa_ref, gwmu_ref, gba_ref, gbmu_ref):
@@ -512,9 +498,12 @@ def _bwd_kernel(
         gwmu_ref[...] += mm(hv, gmu_c, tn)
         gba_ref[...] += jnp.sum(ga, axis=0, keepdims=True)
         gbmu_ref[...] += jnp.sum(gmu, axis=0, keepdims=True)
-    else:  # Triton programs run concurrently: one partial per (example, N-block)
-        gba_ref[...] = jnp.sum(ga, axis=0, keepdims=True)
-        gbmu_ref[...] = jnp.sum(gmu, axis=0, keepdims=True)
+    else:
+        # Triton programs run concurrently, so they cannot accumulate weight grads, and one
+        # (C, 2D) partial per program would out-weigh h itself: emit the head-output grads.
+        ga_ref, gmu_ref = outs[2:]
+        _store_rows(ga_ref, ga_c, valid, body)
+        _store_rows(gmu_ref, gmu_c, valid, body)
         bc = _chunk(c)
         valid_c = _rows(block_n, bc, n)
 
@@ -522,9 +511,6 @@ def _bwd_kernel(
             cols = pl.ds(pl.multiple_of(k * bc, bc), bc)
             ghk = mm(ga_c, wa_ref[cols, :], nt) + mm(gmu_c, wmu_ref[cols, :], nt)
             _store_rows(gh_ref.at[:, cols], ghk, valid_c, body)
-            hk = _load_rows(h_ref.at[:, cols], valid_c, body)
-            gwa_ref[cols, :] = mm(hk, ga_c, tn)
-            gwmu_ref[cols, :] = mm(hk, gmu_c, tn)
             return carry
 
         jax.lax.fori_loop(0, c // bc, step, 0)
@@ -536,6 +522,7 @@ def _bwd_build(cfg: _Cfg, body: str, target: str):
         d = x.shape[-1]
         block_n, dp = _plan(cfg, body, n, d)
         nb = pl.cdiv(n, block_n)
+        cd = jnp.promote_types(h.dtype, wa.dtype)
         pw, px = _pad_cols(wa, dp), _pad_cols(x, dp)
         args = (
             h,
@@ -551,57 +538,59 @@ def _bwd_build(cfg: _Cfg, body: str, target: str):
         row = lambda width: pl.BlockSpec((_SQUEEZED, block_n, width), lambda i, j: (i, j, 0))
         full = lambda shape: pl.BlockSpec(shape, lambda i, j: (0, 0))
         per_example = pl.BlockSpec((_SQUEEZED, 1, dp), lambda i, j: (i, 0, 0))
-        if body == "tpu":  # accumulated over the N-blocks in the kernel
-            nparts, semantics, part_idx = 1, ("parallel", "arbitrary"), lambda i, j: (i, 0, 0, 0)
-        else:
-            nparts, semantics, part_idx = nb, None, lambda i, j: (i, j, 0, 0)
-        part = lambda r: pl.BlockSpec((_SQUEEZED, _SQUEEZED, r, dp), part_idx)
-        f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+        sds = jax.ShapeDtypeStruct
+        out_specs = [row(c), row(dp)]
+        out_shape = [sds(h.shape, h.dtype), sds(px.shape, x.dtype)]
+        if body == "tpu":  # weight / bias grads accumulated over the N-blocks in the kernel
+            acc = lambda r: pl.BlockSpec((_SQUEEZED, r, dp), lambda i, j: (i, 0, 0))
+            out_specs += [acc(c), acc(c), acc(1), acc(1)]
+            out_shape += [sds((bsz, r, dp), jnp.float32) for r in (c, c, 1, 1)]
+            semantics, extra_bytes = ("parallel", "arbitrary"), bsz * (2 * c + 2) * dp * 4
+        else:  # head-output grads, (B, N, Dp) each
+            out_specs += [row(dp), row(dp)]
+            out_shape += [sds(px.shape, cd)] * 2
+            semantics, extra_bytes = None, 2 * px.size * jnp.dtype(cd).itemsize
         rows = bsz * n
         cost = pl.CostEstimate(
-            flops=int(12 * rows * c * dp + 40 * rows * dp),
+            flops=int((12 if body == "tpu" else 8) * rows * c * dp + 40 * rows * dp),
             transcendentals=int(6 * rows * dp),
             bytes_accessed=int(
                 2 * h.size * h.dtype.itemsize
                 + 2 * pw.size * pw.dtype.itemsize
-                + 2 * px.size * px.dtype.itemsize
-                + rows * dp * 4
-                + bsz * nparts * (2 * c + 2) * dp * 4
+                + 3 * px.size * px.dtype.itemsize
+                + extra_bytes
             ),
         )
-        gh, gx, gwa, gwmu, gba, gbmu = _pallas_call(
+        gh, gx, *rest = _pallas_call(
             functools.partial(_bwd_kernel, cfg=cfg, n=n, block_n=block_n, body=body),
             name="flow_affine_bwd",
             grid=(bsz, nb),
-            in_specs=[
-                row(c),
-                full((c, dp)),
-                full((c, dp)),
-                full((1, dp)),
-                full((1, dp)),
-                row(dp),
-                row(dp),
-                per_example,
-                per_example,
-            ],
-            out_specs=[row(c), row(dp), part(c), part(c), part(1), part(1)],
-            out_shape=[
-                jax.ShapeDtypeStruct(h.shape, h.dtype),
-                jax.ShapeDtypeStruct(px.shape, x.dtype),
-                f32(bsz, nparts, c, dp),
-                f32(bsz, nparts, c, dp),
-                f32(bsz, nparts, 1, dp),
-                f32(bsz, nparts, 1, dp),
-            ],
+            in_specs=[row(c), full((c, dp)), full((c, dp)), full((1, dp)), full((1, dp)),
+                      row(dp), row(dp), per_example, per_example],
+            out_specs=out_specs,
+            out_shape=out_shape,
             target=target,
             cost=cost,
             poison=cfg.poison,
             args=args,
             semantics=semantics,
+        )  # fmt: skip
+        if body == "tpu":
+            gwa, gwmu, gba, gbmu = (jnp.sum(p[..., :d], axis=0) for p in rest)
+        else:  # weight grads as one XLA matmul over all rows: h^T [ga | gmu]
+            ga, gmu = (p[..., :d] for p in rest)
+            wgrad = lambda g: jnp.einsum("bnc,bnd->cd", h.astype(cd), g,
+                                         preferred_element_type=jnp.float32)  # fmt: skip
+            gwa, gwmu = wgrad(ga), wgrad(gmu)
+            gba, gbmu = (jnp.sum(g.astype(jnp.float32), axis=(0, 1))[None] for g in (ga, gmu))
+        return (
+            gh,
+            gwa.astype(wa.dtype),
+            gwmu.astype(wmu.dtype),
+            gba.reshape(ba.shape).astype(ba.dtype),
+            gbmu.reshape(bmu.shape).astype(bmu.dtype),
+            gx[..., :d],
         )
-        gw = lambda p, like: jnp.sum(p[..., :d], axis=(0, 1)).astype(like.dtype)
-        gb = lambda p, like: jnp.sum(p[..., :d], axis=(0, 1, 2)).astype(like.dtype)
-        return gh, gw(gwa, wa), gw(gwmu, wmu), gb(gba, ba), gb(gbmu, bmu), gx[..., :d]
 
     return run
 

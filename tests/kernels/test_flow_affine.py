@@ -264,7 +264,8 @@ def test_guided_sample_step(body, use_softplus):
 
     x0, mu0, s0 = run(0.0)  # w = 0: exactly the conditional parameters
     np.testing.assert_array_equal(mu0, mu[:b])
-    np.testing.assert_array_equal(s0, sc)
+    # sigma_c is a transcendental computed inside vs outside the kernel: equal up to 2 ulp.
+    np.testing.assert_allclose(s0, sc, rtol=2.5e-7, atol=0)
     assert rel_err(x0, mu[:b] + sc * z) < SAMPLE_TOL
 
     for w, out in ((2.0, run(2.0)), (1.5, jax.jit(run)(jnp.float32(1.5)))):  # traced w too
