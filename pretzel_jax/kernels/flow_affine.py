@@ -16,9 +16,16 @@ per-column partial sums for each reduction, which the wrapper adds up (cross-pro
 accumulation is not portable: Triton programs run concurrently). W and b are split into their
 `a` and `mu` halves in the wrapper, so a tile does two (C, D) matmuls instead of lane-slicing
 at offset D. The backward pass is a second kernel under `jax.custom_vjp`: it recomputes o from
-(h, W, b) (nothing of size (B, N, 2D) is saved) and returns grads for h, W, b, x. Weight and
-bias grads are per-(example, N-block) partials summed in the wrapper, which costs
-B * cdiv(N, block_n) * C * 2D * 4 bytes of extra writes: keep block_n large in training.
+(h, W, b) (nothing of size (B, N, 2D) is saved) and writes grads for h and x. Weight and bias
+grads: the TPU body accumulates them over the N-blocks of an example in its resident output
+block (N grid axis "arbitrary"), so only (B, C, 2D) partials reach memory and the wrapper sums
+over B; Triton programs cannot accumulate, and per-program (C, 2D) partials would out-weigh h,
+so the Triton body writes the head-output grads [ga | gmu] (B, N, 2D) in the matmul dtype and
+the wrapper does gW = h^T [ga | gmu] as one XLA matmul (one more read of h).
+
+Precision: matmuls take the promoted operand dtype (bf16 operands stay bf16, fp32 stays fp32)
+with fp32 accumulation; the backward casts [ga | gmu] to that dtype before its matmuls. The
+reference uses XLA's default dot precision, which on TPU (and with TF32 on GPU) is below fp32.
 
 Sampling direction (`guided_sample_step`): one token of a doubled batch [cond; uncond], STARFlow's
 Gaussian-product classifier-free guidance, as one elementwise kernel.

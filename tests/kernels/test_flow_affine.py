@@ -154,9 +154,7 @@ def test_checks_catch_a_wrong_kernel(monkeypatch):
     h, w, bias, x = make_inputs(0, 2, 37, 48, 5)
     kw = dict(soft_clip=4.0, use_softplus=True)
     ref = fa.affine_forward_reference(h, w, bias, x, **kw)
-    g_ref = grad(
-        _loss(lambda *a: fa.affine_forward_reference(*a, **kw), _cotangents(0, 2, 37, 5))
-    )
+    g_ref = grad(_loss(lambda *a: fa.affine_forward_reference(*a, **kw), _cotangents(0, 2, 37, 5)))
     tile = fa._affine_tile
 
     def flipped(*args):
