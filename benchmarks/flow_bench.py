@@ -1,6 +1,8 @@
-"""Flow micro-benchmarks: train step, sampling (with / without CFG), decode-step cost vs position.
+"""Flow micro-benchmarks: train step, sampling (with / without CFG), decode-step cost vs position,
+block-Jacobi vs sequential sampling of a briefly trained toy model.
 
     python benchmarks/flow_bench.py [--sizes small,medium] [--repeats N] [--decode-repeats N]
+    python benchmarks/flow_bench.py --jacobi [--jacobi-steps 400] [--jacobi-chunks 4,8,16]
 
 Prints Markdown tables of medians (p10 / p90 alongside) measured in this one run. Every timed
 function is compiled ahead of time (`jit(...).lower(...).compile()`), so a call can never
@@ -25,7 +27,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pretzel_jax.flow import DeepShallowFlow, FlowConfig, nll_per_dim
+from pretzel_jax.flow import DeepShallowFlow, FlowConfig, jacobi_flow_inverse, nll_per_dim
+from pretzel_jax.flow.image_flow import patchify
 from pretzel_jax.nn import rope_1d, rope_angles
 
 
@@ -249,6 +252,217 @@ def bench_decode(size: Size, repeats: int, warmup: int) -> dict:
     )
 
 
+# -- 4. block-Jacobi vs sequential sampling -----------------------------------------------------
+
+# A class-conditional toy flow on scikit-learn's bundled 8x8 digits (no download), upsampled to
+# 16x16 and cut into 2x2 patches: N = 64 tokens of D = 4, like STARFlow's 4-channel latents.
+JACOBI_CFG = FlowConfig(
+    token_dim=4, width=64, head_dim=32, layers_per_block=(1, 1, 2), context_dim=10
+)
+JACOBI_TOL = 1e-3  # STARFlow's image sampler: block 16, threshold 1e-3, <= 32 iterations
+JACOBI_CHUNK = 16
+JACOBI_MAX_ITERS = 32
+JACOBI_BATCH = 16
+JACOBI_GUIDANCE = 1.0
+
+
+def digits_tokens() -> tuple[np.ndarray, np.ndarray]:
+    """(tokens (1797, 64, 4) in [-1, 1], labels (1797,)) from scikit-learn's digits."""
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    d = load_digits()
+    img = jnp.asarray(d.images, jnp.float32)[..., None] / 16.0  # (n, 8, 8, 1) in [0, 1]
+    img = jax.image.resize(img, (img.shape[0], 16, 16, 1), "bilinear")
+    return np.asarray(patchify(img * 2.0 - 1.0, 2)), d.target.astype(np.int32)
+
+
+def train_toy_flow(steps: int, noise: str, batch: int = 32, seed: int = 0):
+    """AdamW on the digits NLL with label dropout 0.1 and input noise `noise`: "deq" = uniform
+    dequantisation over one of the 17 levels (sharp, as experiments/digits_flow.py), or a
+    Gaussian std (STARFlow's noise augmentation). -> (graphdef, fresh params, trained params,
+    (first, last) loss in nats/dim, seconds)."""
+    tokens, labels = digits_tokens()
+    model = DeepShallowFlow(JACOBI_CFG, rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(model)
+    params = params.to_pure_dict()
+    fresh = jax.tree.map(jnp.copy, params)  # the training state below is donated
+    if steps < 1:
+        raise ValueError(f"--jacobi-steps must be >= 1, got {steps}")
+    warmup = max(1, min(50, steps // 5))
+    sched = optax.warmup_cosine_decay_schedule(0.0, 2e-3, warmup, max(steps, warmup + 1), 1e-4)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-4))
+    state = (params, tx.init(params))
+    data_x, data_y = jnp.asarray(tokens), jnp.asarray(labels)
+
+    def step(state, key):
+        params, opt_state = state
+        ki, kn, kd = jax.random.split(key, 3)
+        idx = jax.random.randint(ki, (batch,), 0, data_x.shape[0])
+        x = data_x[idx]
+        if noise == "deq":
+            x = x + (2.0 / 16.0) * (jax.random.uniform(kn, x.shape) - 0.5)
+        else:
+            x = x + float(noise) * jax.random.normal(kn, x.shape)
+        ctx = jax.nn.one_hot(data_y[idx], 10)[:, None, :]
+        ctx = jnp.where(jax.random.uniform(kd, (batch, 1, 1)) < 0.1, 0.0, ctx)
+
+        def loss_fn(params):
+            z, logdet = nnx.merge(graphdef, params).forward(x, ctx)
+            return jnp.mean(nll_per_dim(z, logdet))
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    step = jax.jit(step, donate_argnums=0)
+    t0 = time.perf_counter()
+    losses = []
+    for key in jax.random.split(jax.random.key(seed + 1), steps):
+        state, loss = step(state, key)
+        losses.append(loss)
+    losses = [float(v) for v in jax.device_get(losses)]
+    if not np.isfinite(losses[-1]):
+        raise RuntimeError(f"toy flow training diverged: loss {losses[-1]}")
+    return graphdef, fresh, state[0], (losses[0], losses[-1]), time.perf_counter() - t0
+
+
+def bench_jacobi(
+    steps: int, noises: list[str], chunks: list[int], tols: list[float], repeats: int
+) -> dict:
+    models, trained_info = [], []
+    graphdef = None
+    for noise in noises:
+        graphdef, fresh, params, losses, train_s = train_toy_flow(steps, noise)
+        models.append((f"trained, noise {noise}", params))
+        trained_info.append((noise, losses, train_s))
+    models.append(("init (zero heads)", fresh))
+    b, n = JACOBI_BATCH, 64
+    z = jax.random.normal(jax.random.key(5), (b, n, JACOBI_CFG.token_dim))
+    context = jax.nn.one_hot(jnp.arange(b) % 10, 10)[:, None, :]
+    uncond = jnp.zeros_like(context)
+    w = jnp.asarray(JACOBI_GUIDANCE, jnp.float32)
+
+    def sequential(params, z, context, uncond, w):
+        flow = nnx.merge(graphdef, params)
+        if uncond is None:
+            return flow.inverse(z, context)
+        return flow.inverse(z, context, guidance=w, uncond_context=uncond)
+
+    def jacobi(chunk, batch_reduce):
+        def run(params, z, context, uncond, w, tol):
+            return jacobi_flow_inverse(
+                nnx.merge(graphdef, params), z, context, chunk=chunk, tol=tol,
+                max_iters=JACOBI_MAX_ITERS, guidance=w, uncond_context=uncond,
+                batch_reduce=batch_reduce,
+            )  # fmt: skip
+
+        return run
+
+    def paired_times(seq_fn, seq_args, jac_fn, jac_args):
+        """Interleaved calls, so slow drifts of a shared machine hit both alike."""
+        for _ in range(2):  # warm-up
+            x_seq, _ = timed(seq_fn, *seq_args)
+            out, _ = timed(jac_fn, *jac_args)
+        ts, tj = [], []
+        for _ in range(repeats):
+            ts.append(timed(seq_fn, *seq_args)[1])
+            tj.append(timed(jac_fn, *jac_args)[1])
+        return x_seq, Stats(ts), out, Stats(tj)
+
+    # (chunk, tol, criterion) per trained model; the identity model converges at once: one row.
+    cases = [(c, t, "max") for c in chunks for t in tols]
+    cases.append((JACOBI_CHUNK, JACOBI_TOL, "pooled"))  # STARFlow's batch-pooled criterion
+    modes = {"no CFG": None, f"CFG {JACOBI_GUIDANCE:g}": uncond}
+    params0 = models[0][1]
+    seq_fns = {m: compile_once(sequential, params0, z, context, u, w) for m, u in modes.items()}
+    tol0 = jnp.asarray(tols[0], jnp.float32)
+    jac_fns = {
+        (m, c, red): compile_once(jacobi(c, red), params0, z, context, u, w, tol0)
+        for m, u in modes.items()
+        for c, red in dict.fromkeys((c, red) for c, _, red in cases)
+    }
+    rows = []
+    for state, params in models:
+        for mode, u in modes.items():
+            todo = cases if state.startswith("trained") else [(JACOBI_CHUNK, JACOBI_TOL, "max")]
+            for chunk, tol, red in todo:
+                tol_a = jnp.asarray(tol, jnp.float32)
+                x_seq, seq_t, (x, st), jac_t = paired_times(
+                    seq_fns[mode][0],
+                    (params, z, context, u, w),
+                    jac_fns[(mode, chunk, red)][0],
+                    (params, z, context, u, w, tol_a),
+                )
+                if not bool(jnp.all(jnp.isfinite(x_seq)) & jnp.all(jnp.isfinite(x))):
+                    raise RuntimeError(f"{state} {mode}: non-finite samples")
+                rows.append(
+                    dict(
+                        state=state, mode=mode, chunk=chunk, tol=tol, reduce=red,
+                        calls=np.asarray(st.model_calls)[::-1],  # sampling order: deep first
+                        seq_calls=np.asarray(st.sequential_calls)[::-1],
+                        iters=np.asarray(st.iterations)[::-1],
+                        seq_ms=seq_t.median * 1e3, jac_ms=jac_t.median * 1e3,
+                        diff=float(jnp.max(jnp.abs(x - x_seq))),
+                        rel=float(jnp.linalg.norm(x - x_seq) / jnp.linalg.norm(x_seq)),
+                    )
+                )  # fmt: skip
+    traces = [t.count for _, _, t in (*seq_fns.values(), *jac_fns.values())]
+    return dict(rows=rows, trained=trained_info, steps=steps, traces=traces)
+
+
+def print_jacobi(r: dict, repeats: int) -> None:
+    cfg = JACOBI_CFG
+    print(
+        f"## 4. Block-Jacobi vs sequential sampling (toy digits flow: N = 64 tokens of D = "
+        f"{cfg.token_dim}, width {cfg.width}, layers {cfg.layers_per_block}, batch "
+        f"{JACOBI_BATCH}, max_iters {JACOBI_MAX_ITERS})\n"
+    )
+    for noise, (first, last), train_s in r["trained"]:
+        print(
+            f"- trained with noise {noise}: {r['steps']} AdamW steps (batch 32) in "
+            f"{train_s:.1f} s, loss {first:.3f} -> {last:.3f} nats/dim"
+        )
+    print(
+        "- model calls = transformer passes, per block in sampling order (deep, then shallow); "
+        "sequential = one per token = N per block (N - 1 without SOS); the context prefill "
+        '(one pass in both) is not counted. "init" = zero heads, the identity: converges at '
+        "once, shown for contrast only"
+    )
+    print(
+        "- criterion on the squared relative change |new - old|^2 / |new|^2 of a chunk: `max` "
+        "= worst example (default), `pooled` = sums over the batch (STARFlow); wall ms = "
+        f"median of {repeats} AOT-compiled calls, sequential and Jacobi interleaved; diff = "
+        "Jacobi vs sequential sample from the same noise (data range [-1, 1])\n"
+    )
+    header = ["model", "mode", "chunk", "tol", "criterion", "Jacobi calls / block", "total"]
+    header += ["sequential", "fewer calls", "seq ms", "Jacobi ms", "speed-up", "max abs diff"]
+    header += ["rel L2 diff"]
+    rows = []
+    for x in r["rows"]:
+        total, seq = int(x["calls"].sum()), int(x["seq_calls"].sum())
+        rows.append(
+            [
+                x["state"], x["mode"], str(x["chunk"]), f"{x['tol']:g}", x["reduce"],
+                " / ".join(str(int(c)) for c in x["calls"]), str(total), str(seq),
+                f"{seq / total:.2f}x", f"{x['seq_ms']:.1f}", f"{x['jac_ms']:.1f}",
+                f"{x['seq_ms'] / x['jac_ms']:.2f}x", f"{x['diff']:.2e}", f"{x['rel']:.2e}",
+            ]
+        )  # fmt: skip
+    print(table(header, rows) + "\n")
+    for x in r["rows"]:
+        if x["state"].startswith("trained") and (x["chunk"], x["tol"], x["reduce"]) == (
+            JACOBI_CHUNK,
+            JACOBI_TOL,
+            "max",
+        ):
+            per_block = "; ".join(" ".join(str(int(i)) for i in it) for it in x["iters"])
+            print(
+                f"- iterations per chunk, {x['state']}, {x['mode']}, chunk {JACOBI_CHUNK} "
+                f"(deep; shallow; shallow): {per_block}"
+            )
+    print(f"- traces per compiled function: {sorted(set(r['traces']))} (1 = compiled once)\n")
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -259,6 +473,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decode-repeats", type=int, default=50, help="timed calls per position")
     ap.add_argument("--decode-size", default="medium", choices=sorted(SIZES))
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling")
+    ap.add_argument(
+        "--jacobi", action="store_true", help="only the block-Jacobi section (default: all)"
+    )
+    ap.add_argument("--jacobi-steps", type=int, default=300, help="toy-model training steps")
+    ap.add_argument(
+        "--jacobi-noise",
+        default="0.1",
+        help="comma list, one trained toy model each: Gaussian noise-augmentation stds and/or "
+        "'deq' (uniform dequantisation only)",
+    )
+    ap.add_argument("--jacobi-chunks", default="4,8,16", help="comma list of Jacobi chunk sizes")
+    ap.add_argument("--jacobi-tols", default=f"{JACOBI_TOL:g},1e-5", help="comma list of tols")
+    ap.add_argument("--jacobi-repeats", type=int, default=7, help="timed calls per Jacobi case")
     args = ap.parse_args(argv)
     sizes = [SIZES[s.strip()] for s in args.sizes.split(",") if s.strip()]
     t_start = time.perf_counter()
@@ -271,6 +498,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"- {versions}")
     print(f"- repeats: {args.repeats} (train, sample), {args.decode_repeats} (decode)")
     print("- times in ms: median, p10, p90; throughputs and ratios from medians\n")
+
+    if args.jacobi:
+        run_jacobi(args)
+        print(f"Total wall time: {time.perf_counter() - t_start:.1f} s")
+        return
 
     print("## 1. Train step (value_and_grad of nll_per_dim + adamw, params donated)\n")
     rows, base = [], None
@@ -336,7 +568,16 @@ def main(argv: list[str] | None = None) -> None:
     target = f"{verdict} the {DECODE_TARGET}x target"
     print(f"- ratio pos{hi}/pos{lo} (medians): **{ratio:.3f}**, {target}")
     print(f"- compile: {r['compile_s']:.1f} s, traced {r['traces']} time(s) for both positions\n")
+    run_jacobi(args)
     print(f"Total wall time: {time.perf_counter() - t_start:.1f} s")
+
+
+def run_jacobi(args) -> None:
+    chunks = [int(c) for c in args.jacobi_chunks.split(",") if c.strip()]
+    tols = [float(t) for t in args.jacobi_tols.split(",") if t.strip()]
+    noises = [x.strip() for x in args.jacobi_noise.split(",") if x.strip()]
+    r = bench_jacobi(args.jacobi_steps, noises, chunks, tols, args.jacobi_repeats)
+    print_jacobi(r, args.jacobi_repeats)
 
 
 if __name__ == "__main__":

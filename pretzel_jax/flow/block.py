@@ -8,13 +8,15 @@ Forward (data -> noise), for block input x (B, N, D):
   o = soft_clip(proj_out(final_norm(h)))       fp32, zero-initialised head -> identity at init
   [a | mu] = o; sigma = softplus(a + 0.5413) or exp(a)
   z = unpermute((xp - mu) / sigma);  logdet = -sum log sigma
-Inverse: token by token with a KV cache (one `lax.scan`, compiled once), optional CFG.
+Inverse: token by token with a KV cache (one `lax.scan`, compiled once), optional CFG; the
+same chunk step also drives block-Jacobi decoding (`pretzel_jax.flow.jacobi`).
 Rotary angles belong to sequence slots, not to the tokens a permutation moved there.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,19 @@ from pretzel_jax.nn import Dense, LayerStack, RMSNorm, rope_1d, rope_angles, rop
 from pretzel_jax.nn.sharding import param
 
 SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(SOFTPLUS_ONE) = 1: sigma = 1 at init
+
+
+class DecodeSetup(NamedTuple):
+    """State shared by the sequential and the block-Jacobi decoder (see `AFBlock._decode_*`)."""
+
+    zp: jax.Array  # (B, N, D) fp32 noise in the block's permuted order
+    noise: jax.Array  # (B, M, D) noise of each decode step (M = N with SOS, N - 1 without)
+    first: jax.Array  # (B, D) input token of step 0: SOS, or token 0 of the shift variant
+    cache: object  # stacked KVCache with the context prefix prefilled
+    rope: tuple[jax.Array, jax.Array] | None  # (cos, sin) for every cache slot
+    prefix: int  # context prefix length: step j sits at cache slot prefix + j
+    batch: int  # B (the conditional half when guided)
+    guided: bool  # CFG: the transformer batch is [cond; uncond]
 
 
 def _permute(x: jax.Array, kind: str) -> jax.Array:
@@ -138,23 +153,30 @@ class AFBlock(nnx.Module):
         return _permute(z, self.permutation), logdet
 
     # -- noise -> data --------------------------------------------------------------------------
+    #
+    # Decoding runs "steps" j = 0 .. M-1. Step j feeds one input token at sequence slot
+    # prefix + j and produces x_j = mu_j + sigma_j * noise_j; the input of step j+1 is x_j.
+    #   SOS:   M = N, input of step 0 = sos, noise = zp, tokens = x_0 .. x_{N-1}
+    #   shift: M = N-1, input of step 0 = zp_0 (token 0 is the identity), noise = zp_1 ..
+    # `_decode_chunk` runs K consecutive steps in one transformer call at a FIXED cache index:
+    # K = 1 is the sequential decoder (`inverse`); K > 1 is one block-Jacobi iteration
+    # (`pretzel_jax.flow.jacobi`), re-run at the same index until the chunk converges.
 
-    def inverse(
+    def _decode_setup(
         self,
         z,
         context=None,
         context_mask=None,
         positions=None,
         *,
-        guidance: float | jax.Array = 0.0,
         uncond_context=None,
         uncond_context_mask=None,
         guidance_rule: str = "product",
-        return_params: bool = False,
-    ):
-        """z (B, N, D) -> x, sequentially with a KV cache. CFG runs when `uncond_context` is
-        given: the batch is doubled [cond; uncond], both halves follow the guided trajectory.
-        With `return_params`, also returns the (mu, sigma) used at each token (permuted order)."""
+        steps_capacity: int | None = None,
+    ) -> DecodeSetup:
+        """Everything a decoder needs before its first step: permuted noise, the CFG-doubled
+        context prefix prefilled into a fresh KV cache (size prefix + `steps_capacity`, default
+        N; a larger capacity pads the rotary table with its last row), the first input."""
         if guidance_rule not in cfg_rules.RULES:
             raise ValueError(
                 f"guidance_rule must be one of {cfg_rules.RULES}, got {guidance_rule!r}"
@@ -176,48 +198,111 @@ class AFBlock(nnx.Module):
         bb = 2 * b if guided else b
         c, cmask = self._context(context, context_mask, bb)
         lc = 0 if c is None else c.shape[1]
-        cache = self.layers.init_cache(bb, lc + n, jnp.dtype(self.cfg.compute_dtype))
+        capacity = n if steps_capacity is None else max(steps_capacity, n)
+        cache = self.layers.init_cache(bb, lc + capacity, jnp.dtype(self.cfg.compute_dtype))
         rope = self._rope(positions, bb, lc + n)
         if c is not None:  # prefill the context prefix once
             rope_c = None if rope is None else (rope[0][:, :lc], rope[1][:, :lc])
             _, cache = self.layers(c, rope=rope_c, kv_mask=cmask, cache=cache)
-
-        def step(carry, t):
-            prev, cache = carry
-            slot = lc + t - (0 if self.sos is not None else 1)
-            rope_t = None
-            if rope is not None:
-                rope_t = tuple(jax.lax.dynamic_slice_in_dim(r, slot, 1, axis=1) for r in rope)
-            h = self.proj_in(prev[:, None, :].astype(jnp.dtype(self.cfg.compute_dtype)))
-            h, cache = self.layers(h, rope=rope_t, cache=cache)
-            a, mu = self._head(h)
-            a, mu = a[:, 0], mu[:, 0]
-            if guided:
-                if guidance_rule == "product":
-                    mu_g, sigma_g = cfg_rules.gaussian_product(
-                        mu[:b], self._sigma(a[:b]), mu[b:], self._sigma(a[b:]), guidance
-                    )
-                else:
-                    a_g, mu_g = cfg_rules.additive(a[:b], mu[:b], a[b:], mu[b:], guidance)
-                    sigma_g = self._sigma(a_g)
-                mu, sigma = jnp.concatenate([mu_g] * 2), jnp.concatenate([sigma_g] * 2)
-            else:
-                sigma = self._sigma(a)
-            zt = jax.lax.dynamic_index_in_dim(zp, t, axis=1, keepdims=False)
-            x_t = mu + sigma * (jnp.concatenate([zt] * 2) if guided else zt)
-            return (x_t, cache), (x_t[:b], mu[:b], sigma[:b])
-
+        if rope is not None and capacity > n:  # slots past the sequence only hold padding
+            rope = tuple(jnp.pad(r, ((0, 0), (0, capacity - n), (0, 0)), mode="edge") for r in rope)
         if self.sos is not None:
-            first = jnp.broadcast_to(self.sos[...].astype(jnp.float32), (bb, d))
-            ts = jnp.arange(n)
+            first = jnp.broadcast_to(self.sos[...].astype(jnp.float32), (b, d))
+            noise = zp
         else:  # token 0 passes through unchanged
-            first = jnp.concatenate([zp[:, 0]] * 2) if guided else zp[:, 0]
-            ts = jnp.arange(1, n)
-        _, (xs, mus, sigmas) = jax.lax.scan(step, (first, cache), ts)
-        xs, mus, sigmas = (jnp.moveaxis(v, 0, 1) for v in (xs, mus, sigmas))
+            first, noise = zp[:, 0], zp[:, 1:]
+        return DecodeSetup(zp, noise, first, cache, rope, lc, b, guided)
+
+    def _decode_params(self, h, batch: int, guided: bool, guidance, guidance_rule: str):
+        """Transformer output of decode steps -> (mu, sigma), fp32, CFG-mixed when guided (the
+        rows of h are [cond; uncond]; the result has the `batch` rows of the cond half). The one
+        place where head, sigma and guidance meet while decoding (sequential and Jacobi alike):
+        a fused head kernel replaces this method."""
+        a, mu = self._head(h)
+        if not guided:
+            return mu, self._sigma(a)
+        if guidance_rule == "product":
+            return cfg_rules.gaussian_product(
+                mu[:batch], self._sigma(a[:batch]), mu[batch:], self._sigma(a[batch:]), guidance
+            )
+        a_g, mu_g = cfg_rules.additive(a[:batch], mu[:batch], a[batch:], mu[batch:], guidance)
+        return mu_g, self._sigma(a_g)
+
+    def _decode_chunk(
+        self, setup: DecodeSetup, inputs, cache, step, noise, *, guidance, guidance_rule: str
+    ):
+        """Decode steps step .. step+K-1 in one transformer call.
+
+        inputs (B, K, D) fp32: the input tokens of those steps; noise (B, K, D) their noise;
+        step: traced int. The K keys/values are written at cache slots prefix+step .. (the
+        cache's write index is SET to prefix+step, so a rejected Jacobi iterate is overwritten
+        by the next call), and query k attends to the cache up to its own slot (causal within
+        the chunk). Returns (x = mu + sigma * noise, mu, sigma, cache), all (B, K, D) fp32 for
+        the conditional half; under CFG both halves of the doubled batch take the same inputs.
+        """
+        k = inputs.shape[1]
+        slot = setup.prefix + step
+        if setup.guided:
+            inputs = jnp.concatenate([inputs, inputs], axis=0)
+        rope = setup.rope
+        if rope is not None:
+            rope = tuple(jax.lax.dynamic_slice_in_dim(r, slot, k, axis=1) for r in rope)
+        cache = cache.replace(index=jnp.full_like(cache.index, slot))
+        h = self.proj_in(inputs.astype(jnp.dtype(self.cfg.compute_dtype)))
+        h, cache = self.layers(h, rope=rope, cache=cache)
+        mu, sigma = self._decode_params(h, setup.batch, setup.guided, guidance, guidance_rule)
+        return mu + sigma * noise, mu, sigma, cache
+
+    def _decode_finish(self, setup: DecodeSetup, xs, mus, sigmas):
+        """Step outputs (B, M, D) -> tokens in data order, and (mu, sigma) per token in the
+        block's permuted order (token 0 of the shift variant: mu 0, sigma 1)."""
         if self.sos is None:
-            xs = jnp.concatenate([zp[:, :1], xs], axis=1)
+            xs = jnp.concatenate([setup.zp[:, :1], xs], axis=1)
             mus = jnp.pad(mus, ((0, 0), (1, 0), (0, 0)))
             sigmas = jnp.pad(sigmas, ((0, 0), (1, 0), (0, 0)), constant_values=1.0)
-        x = _permute(xs, self.permutation)
+        return _permute(xs, self.permutation), mus, sigmas
+
+    def inverse(
+        self,
+        z,
+        context=None,
+        context_mask=None,
+        positions=None,
+        *,
+        guidance: float | jax.Array = 0.0,
+        uncond_context=None,
+        uncond_context_mask=None,
+        guidance_rule: str = "product",
+        return_params: bool = False,
+    ):
+        """z (B, N, D) -> x, sequentially with a KV cache. CFG runs when `uncond_context` is
+        given: the batch is doubled [cond; uncond], both halves follow the guided trajectory.
+        With `return_params`, also returns the (mu, sigma) used at each token (permuted order)."""
+        setup = self._decode_setup(
+            z,
+            context,
+            context_mask,
+            positions,
+            uncond_context=uncond_context,
+            uncond_context_mask=uncond_context_mask,
+            guidance_rule=guidance_rule,
+        )
+
+        def step(carry, j):
+            prev, cache = carry
+            noise = jax.lax.dynamic_slice_in_dim(setup.noise, j, 1, axis=1)
+            x, mu, sigma, cache = self._decode_chunk(
+                setup,
+                prev[:, None],
+                cache,
+                j,
+                noise,
+                guidance=guidance,
+                guidance_rule=guidance_rule,
+            )
+            return (x[:, 0], cache), (x[:, 0], mu[:, 0], sigma[:, 0])
+
+        steps = jnp.arange(setup.noise.shape[1])
+        _, outs = jax.lax.scan(step, (setup.first, setup.cache), steps)
+        x, mus, sigmas = self._decode_finish(setup, *(jnp.moveaxis(v, 0, 1) for v in outs))
         return (x, (mus, sigmas)) if return_params else x
