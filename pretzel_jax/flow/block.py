@@ -15,7 +15,6 @@ Rotary angles belong to sequence slots, not to the tokens a permutation moved th
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -24,10 +23,11 @@ from flax import nnx
 
 from pretzel_jax.flow import guidance as cfg_rules
 from pretzel_jax.flow.config import FlowConfig
+from pretzel_jax.kernels import flow_affine
 from pretzel_jax.nn import Dense, LayerStack, RMSNorm, rope_1d, rope_angles, rope_sectioned
 from pretzel_jax.nn.sharding import param
 
-SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(SOFTPLUS_ONE) = 1: sigma = 1 at init
+SOFTPLUS_ONE = flow_affine.SOFTPLUS_ONE  # softplus(SOFTPLUS_ONE) = 1: sigma = 1 at init
 
 
 class DecodeSetup(NamedTuple):
@@ -99,14 +99,15 @@ class AFBlock(nnx.Module):
 
     def _head(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Transformer output -> (a, mu) in fp32 after the soft clip."""
-        if self.final_norm is not None:
-            h = self.final_norm(h)
-        o = self.proj_out(h).astype(jnp.float32)
+        o = self.proj_out(self._normed(h)).astype(jnp.float32)
         if self.cfg.soft_clip > 0:
             c = self.cfg.soft_clip
             o = c * jnp.tanh(o / c)
         a, mu = jnp.split(o, 2, axis=-1)
         return a, mu
+
+    def _normed(self, h: jax.Array) -> jax.Array:
+        return h if self.final_norm is None else self.final_norm(h)
 
     def _sigma(self, a: jax.Array) -> jax.Array:
         return jax.nn.softplus(a + SOFTPLUS_ONE) if self.cfg.use_softplus else jnp.exp(a)
@@ -123,8 +124,8 @@ class AFBlock(nnx.Module):
 
     # -- data -> noise --------------------------------------------------------------------------
 
-    def params(self, x, context=None, context_mask=None, positions=None):
-        """Teacher-forced (a, mu, sigma) for every token of permuted x, plus the permuted x."""
+    def _features(self, x, context=None, context_mask=None, positions=None):
+        """Teacher-forced transformer output for the N slots of permuted x, and permuted x."""
         b, n, _ = x.shape
         xp = _permute(x, self.permutation)
         if self.sos is not None:
@@ -139,18 +140,45 @@ class AFBlock(nnx.Module):
             h = jnp.concatenate([c.astype(h.dtype), h], axis=1)
             kv_mask = jnp.concatenate([cmask, jnp.ones((b, n), bool)], axis=1)
         h, _ = self.layers(h, rope=self._rope(positions, b, h.shape[1]), kv_mask=kv_mask)
-        a, mu = self._head(h[:, h.shape[1] - n :])
+        return h[:, h.shape[1] - n :], xp.astype(jnp.float32)
+
+    def params(self, x, context=None, context_mask=None, positions=None):
+        """Teacher-forced (a, mu, sigma) for every token of permuted x, plus the permuted x."""
+        h, xp = self._features(x, context, context_mask, positions)
+        a, mu = self._head(h)
         if self.sos is None:  # output t predicts token t+1; token 0 gets (0, 0) -> identity
             a = jnp.pad(a[:, :-1], ((0, 0), (1, 0), (0, 0)))
             mu = jnp.pad(mu[:, :-1], ((0, 0), (1, 0), (0, 0)))
-        return a, mu, self._sigma(a), xp.astype(jnp.float32)
+        return a, mu, self._sigma(a), xp
 
     def forward(self, x, context=None, context_mask=None, positions=None):
         """x (B, N, D) -> (z (B, N, D) fp32, logdet (B,) = sum of log|dz/dx|)."""
+        if self.cfg.affine_impl == "pallas":
+            return self._forward_fused(x, context, context_mask, positions)
         _, mu, sigma, xp = self.params(x, context, context_mask, positions)
         z = (xp - mu) / sigma
         logdet = -jnp.sum(jnp.log(sigma), axis=(1, 2))
         return _permute(z, self.permutation), logdet
+
+    def _forward_fused(self, x, context, context_mask, positions):
+        """`forward` with the head, affine step and log-det in one Pallas kernel (the
+        (B, N, 2D) head output never reaches memory). Shift variant: token 0 is the identity
+        and slot t's output transforms token t+1."""
+        h, xp = self._features(x, context, context_mask, positions)
+        h, targets = (h, xp) if self.sos is not None else (h[:, :-1], xp[:, 1:])
+        dtype = jnp.dtype(self.cfg.compute_dtype)
+        z, sum_log_sigma, _ = flow_affine.affine_forward(
+            self._normed(h),
+            self.proj_out.kernel[...].astype(dtype),
+            self.proj_out.bias[...],
+            targets,
+            soft_clip=self.cfg.soft_clip,
+            use_softplus=self.cfg.use_softplus,
+            impl="pallas",
+        )
+        if self.sos is None:
+            z = jnp.concatenate([xp[:, :1], z], axis=1)
+        return _permute(z, self.permutation), -sum_log_sigma
 
     # -- noise -> data --------------------------------------------------------------------------
     #
@@ -250,6 +278,18 @@ class AFBlock(nnx.Module):
         cache = cache.replace(index=jnp.full_like(cache.index, slot))
         h = self.proj_in(inputs.astype(jnp.dtype(self.cfg.compute_dtype)))
         h, cache = self.layers(h, rope=rope, cache=cache)
+        if setup.guided and guidance_rule == "product" and self.cfg.affine_impl == "pallas":
+            a, mu = self._head(h)  # the CFG mix and the affine step in one kernel
+            flat = lambda v: v.reshape(-1, v.shape[-1])  # noqa: E731  [cond; uncond] rows
+            x, mu, sigma = flow_affine.guided_sample_step(
+                flat(a),
+                flat(mu),
+                flat(noise),
+                guidance,
+                use_softplus=self.cfg.use_softplus,
+                impl="pallas",
+            )
+            return *(v.reshape(noise.shape) for v in (x, mu, sigma)), cache
         mu, sigma = self._decode_params(h, setup.batch, setup.guided, guidance, guidance_rule)
         return mu + sigma * noise, mu, sigma, cache
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from pretzel_jax.kernels.flow_affine import IMPLS as AFFINE_IMPLS
 from pretzel_jax.nn import TransformerConfig
 
 PERMUTATIONS = ("identity", "flip")
@@ -36,6 +37,10 @@ class FlowConfig:
     rope_theta: float = 10000.0
     rope_interleaved: bool = True
     remat: str = "none"
+    # The fused head (matmul, clip, scale, z, log-det) and the guided sampling mix: "xla" (plain
+    # jnp) or "pallas" (pretzel_jax.kernels.flow_affine; falls back to xla, logged, where the
+    # kernel does not support the shapes or platform).
+    affine_impl: str = "xla"
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
 
@@ -56,6 +61,7 @@ class FlowConfig:
         )
         _check(self.head_dim % 2 == 0, "head_dim", "must be even (RoPE pairs)")
         _check(self.rope in ROPE_KINDS, "rope", f"must be one of {ROPE_KINDS}")
+        _check(self.affine_impl in AFFINE_IMPLS, "affine_impl", f"must be one of {AFFINE_IMPLS}")
         if self.rope == "sectioned":
             _check(
                 sum(self.rope_sections) == self.head_dim // 2,

@@ -104,11 +104,16 @@ def named_shardings(state, mesh: Mesh, rules: Rules):
 
 @contextlib.contextmanager
 def sharding_context(mesh: Mesh | None, rules: Rules):
-    """Activate activation constraints for code traced inside this block."""
+    """Activate activation constraints for code traced inside this block, and make the mesh the
+    abstract mesh there, so kernel wrappers (`jax.sharding.get_abstract_mesh()`) can shard_map
+    their opaque custom calls over it."""
     prev = getattr(_CTX, "value", None)
     _CTX.value = (mesh, tuple(rules)) if mesh is not None else None
     try:
-        yield
+        with contextlib.ExitStack() as stack:
+            if mesh is not None:
+                stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+            yield
     finally:
         _CTX.value = prev
 
