@@ -768,14 +768,3 @@ def guided_sample_step(
         return guided_sample_step_reference(a, mu, z, guidance, use_softplus=use_softplus)
     cfg = _Cfg(0.0, bool(use_softplus), None, _resolve_interpret(interpret))
     return _guided_sample_pallas(a, mu, z, guidance, cfg)
-
-
-__all__ = [
-    "IMPLS",
-    "SOFTPLUS_ONE",
-    "affine_forward",
-    "affine_forward_reference",
-    "guided_sample_step",
-    "guided_sample_step_reference",
-    "is_supported",
-]
