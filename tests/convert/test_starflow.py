@@ -110,6 +110,22 @@ def test_export_import_round_trip_is_bit_exact(options):
     assert sf.config_from_constructor(sf.constructor_from_config(cfg)) == cfg
 
 
+def test_released_3b_text_to_image_config():
+    # configs/starflow_3B_t2i_256x256.yaml: 32x32x4 latents, width 3072, 6 blocks, T5-XL text.
+    kwargs = dict(
+        in_channels=4, img_size=32, patch_size=1, channels=3072, num_blocks=6,
+        layers_per_block=[2, 2, 2, 2, 2, 24], rope=True, sos=True, use_softplus=True,
+        use_final_norm=True, soft_clip=4.0, seq_order="L2R", txt_size=128, txt_dim=2048,
+        cond_top_only=True,
+    )  # fmt: skip
+    cfg = sf.config_from_constructor(kwargs)
+    f = cfg.flow
+    assert (f.width // f.head_dim, f.head_dim, f.rope_sections) == (48, 64, (12, 12, 8))
+    assert f.block_permutations == ("flip", "identity") * 3  # the deep block is identity
+    assert (cfg.pt_seq_len, cfg.context_len, f.context_dim) == (32, 128, 2048)
+    assert sf.constructor_from_config(cfg)["layers_per_block"] == [2, 2, 2, 2, 2, 24]
+
+
 def test_options_map_to_the_flow():
     kwargs = json.loads((FIXTURE_DIRS[0] / "constructor.json").read_text())["kwargs"]
     cfg = sf.config_from_constructor({**kwargs, "seq_order": "R2L", "norm_type": "rms_norm"})
@@ -195,8 +211,13 @@ def test_cli_import_sample_export(text_fixture, tmp_path):
     y = jnp.asarray(io["y"])
     g2 = model.sample(nchw_to_nhwc(io["z_noise"]), y, guidance=2.0, uncond_context=0 * y)
     np.testing.assert_allclose(g2, nchw_to_nhwc(io["sample_g2"]), rtol=0, atol=1e-4)
-    latents = store.sample(model, jax.random.key(0), 3, io["y"][0], guidance=2.0)
-    assert latents.shape == (3, 4, 4, 3) and bool(jnp.isfinite(latents).all())
+    np.save(tmp_path / "ctx.npy", io["y"][0])
+    cli = ["--ckpt", str(ckpt), "--num", "3", "--context", str(tmp_path / "ctx.npy")]
+    store.main([*cli, "--guidance", "2", "--out", str(tmp_path / "s.npz")])
+    latents = np.load(tmp_path / "s.npz")["latents"]
+    assert latents.shape == (3, 4, 4, 3) and np.isfinite(latents).all()
+    direct = store.sample(model, jax.random.key(0), 3, io["y"][0], guidance=2.0)
+    np.testing.assert_array_equal(latents, direct)
 
     out = tmp_path / "back.safetensors"
     assert sf.main(["--export", str(ckpt), "--out", str(out)]) == 0
