@@ -64,7 +64,6 @@ _REQUIRED = {
     "shallow_block_local": False,
     "local_attn_window": None,
     "top_block_channels": None,
-    "adaln": False,
 }
 _NORMS = {"layer_norm": "layer_norm", "rms_norm": "rms_norm_unit"}
 _TEXT_PAIRS = 8  # rotary pairs of the text axis in ml-starflow's 3-D RoPE
@@ -91,7 +90,7 @@ def config_from_constructor(kwargs: dict, *, dtype: str = "float32") -> LatentFl
 
     for key, want in _REQUIRED.items():
         got = kw.get(key, want)
-        if bool(got) != bool(want) if isinstance(want, bool) else got != want:
+        if (bool(got) != want) if isinstance(want, bool) else (got != want):
             raise ConversionError(
                 f"constructor option {key}={got!r} is not supported by the port (needs {want!r})"
             )
