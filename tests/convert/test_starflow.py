@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from randomize import randomized
 
 from pretzel_jax.convert import starflow as sf
 from pretzel_jax.flow import FlowConfig, latent_norm_penalty, nll_per_dim
-from pretzel_jax.flow.latent_flow import LatentFlow, LatentFlowConfig
+from pretzel_jax.flow.latent_flow import LatentFlow
 from pretzel_jax.sample import latent_flow as store
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "starflow"
@@ -82,15 +83,6 @@ def test_export_reproduces_the_reference_state_dict_bit_exactly(ported):
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
 
 
-def _random_model(cfg: LatentFlowConfig, seed: int) -> LatentFlow:
-    model = LatentFlow(cfg, rngs=nnx.Rngs(seed))
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [a + 0.1 * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, noisy))
-
-
 @pytest.mark.parametrize(
     "options",
     [
@@ -101,7 +93,7 @@ def _random_model(cfg: LatentFlowConfig, seed: int) -> LatentFlow:
 def test_export_import_round_trip_is_bit_exact(options):
     kwargs = json.loads((FIXTURE_DIRS[-1] / "constructor.json").read_text())["kwargs"]
     cfg = sf.config_from_constructor({**kwargs, **options})
-    model = _random_model(cfg, seed=3)
+    model = randomized(LatentFlow(cfg, rngs=nnx.Rngs(3)), 3)
     back = sf.import_state_dict(sf.export_state_dict(model), cfg)
     for (path, a), (_, b) in zip(
         nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(back)), strict=True

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from randomize import randomized
 
 from pretzel_jax import models
 from pretzel_jax.flow import DeepShallowFlow, FlowConfig, nll_per_dim
@@ -22,17 +23,9 @@ from pretzel_jax.train.step import make_train_step, shard_batch
 EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "digits_flow.py"
 
 
-def _randomised(model, seed=0, std=0.1):
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [a + std * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-
-
 def _pair(**kw):
     cfg = FlowConfig(token_dim=3, width=32, head_dim=16, layers_per_block=(1, 1), **kw)
-    xla = _randomised(DeepShallowFlow(cfg, rngs=nnx.Rngs(0)))
+    xla = randomized(DeepShallowFlow(cfg, rngs=nnx.Rngs(0)), 0)
     graphdef, state = nnx.split(xla)
     pallas_cfg = dataclasses.replace(cfg, affine_impl="pallas")
     pallas = nnx.merge(nnx.graphdef(DeepShallowFlow(pallas_cfg, rngs=nnx.Rngs(0))), state)

@@ -5,17 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from randomize import randomized
 
 from pretzel_jax.flow import DeepShallowFlow, FlowConfig, gaussian_product
-
-
-def randomized(module, seed, std=0.1):
-    """Perturb every parameter: the zero-initialised heads would make every test trivial."""
-    graphdef, state = nnx.split(module)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [v + std * jax.random.normal(k, v.shape, v.dtype) for v, k in zip(leaves, keys)]
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
 def make_flow(seed=0, **kw):

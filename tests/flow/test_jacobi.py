@@ -5,21 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from randomize import randomized
 
 from pretzel_jax.flow import DeepShallowFlow, FlowConfig, jacobi_flow_inverse, jacobi_inverse
 from pretzel_jax.flow.jacobi import _relative_change
 
 N, CHUNK, LC = 11, 4, 4  # 11 tokens: chunks of 4, 4 and a short tail (3 with SOS, 2 without)
-
-
-def randomized(module, seed, std):
-    """Perturb every parameter, as test_flow_invariants does (zero heads would make every test
-    trivial); numpy's generator keeps this cheap outside jit."""
-    graphdef, state = nnx.split(module)
-    leaves, treedef = jax.tree.flatten(state)
-    rng = np.random.default_rng(seed)
-    leaves = [v + std * rng.standard_normal(v.shape).astype(v.dtype) for v in leaves]
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
 def make_flow(seed=0, std=0.1, **kw):
