@@ -1,0 +1,159 @@
+"""VisionTower vs transformers' Qwen2.5-VL vision tower (`model.visual`) on a tiny random model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from hf_tiny import VISION_KW, tiny_qwen25vl
+
+from pretzel_jax.vlm.vision import VisionConfig, VisionTower, window_layout
+
+
+def config_from_hf(vc) -> VisionConfig:
+    return VisionConfig(
+        depth=vc.depth,
+        hidden_size=vc.hidden_size,
+        intermediate_size=vc.intermediate_size,
+        num_heads=vc.num_heads,
+        in_channels=vc.in_channels,
+        patch_size=vc.patch_size,
+        temporal_patch_size=vc.temporal_patch_size,
+        spatial_merge_size=vc.spatial_merge_size,
+        window_size=vc.window_size,
+        fullatt_block_indexes=tuple(vc.fullatt_block_indexes),
+        out_hidden_size=vc.out_hidden_size,
+    )
+
+
+def load_visual(tower: VisionTower, sd: dict[str, torch.Tensor]) -> VisionTower:
+    """Copy HF `visual.*` tensors (prefix stripped) into the tower: Linear (out, in) -> (in, out),
+    per-block tensors stacked on axis 0, conv (H, C, T, P, P) -> (C*T*P*P, H), fused qkv
+    (3H, H) -> (H, 3, H)."""
+    w = {k: v.detach().numpy() for k, v in sd.items()}
+    depth, hid = tower.cfg.depth, tower.cfg.hidden_size
+
+    def stack(name, fn=lambda a: a):
+        return np.stack([fn(w[f"blocks.{i}.{name}"]) for i in range(depth)])
+
+    def lin(name):
+        return {"kernel": stack(f"{name}.weight", np.transpose), "bias": stack(f"{name}.bias")}
+
+    graphdef, state = nnx.split(tower)
+    pure = nnx.to_pure_dict(state)
+    pure["patch_embed"]["kernel"] = w["patch_embed.proj.weight"].reshape(hid, -1).T
+    blocks = pure["blocks"]
+    blocks["norm1"]["scale"] = stack("norm1.weight")
+    blocks["norm2"]["scale"] = stack("norm2.weight")
+    blocks["attn"]["qkv"] = {
+        "kernel": stack("attn.qkv.weight", lambda a: a.T.reshape(hid, 3, hid)),
+        "bias": stack("attn.qkv.bias", lambda a: a.reshape(3, hid)),
+    }
+    blocks["attn"]["proj"] = lin("attn.proj")
+    for ours in ("gate", "up", "down"):
+        blocks["mlp"][ours] = lin(f"mlp.{ours}_proj")
+    pure["merger"]["ln_q"]["scale"] = w["merger.ln_q.weight"]
+    for ours, theirs in (("fc1", "0"), ("fc2", "2")):
+        pure["merger"][ours] = {
+            "kernel": w[f"merger.mlp.{theirs}.weight"].T,
+            "bias": w[f"merger.mlp.{theirs}.bias"],
+        }
+    flat_ours = {k for k, _ in nnx.to_flat_state(state)}
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+    assert {k for k, _ in nnx.to_flat_state(state)} == flat_ours
+    return nnx.merge(graphdef, state)
+
+
+@pytest.fixture(scope="module")
+def models():
+    hf = tiny_qwen25vl(seed=3)
+    visual = hf.model.visual
+    tower = VisionTower(config_from_hf(hf.config.vision_config), rngs=nnx.Rngs(0))
+    return visual, load_visual(tower, visual.state_dict())
+
+
+@jax.jit(static_argnums=(2,))
+def run(state, pixel_values, grid):
+    return nnx.merge(GRAPHDEF[0], state)(pixel_values, grid)
+
+
+GRAPHDEF: list = []
+
+
+def pixels(grid, seed):
+    n = sum(t * h * w for t, h, w in grid)
+    return np.random.default_rng(seed).standard_normal((n, 3 * 2 * 14 * 14)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "grid",
+    [
+        ((1, 4, 4),),  # one window, whole image
+        ((1, 6, 10),),  # 3 x 5 merge blocks: windows of 2 x 2 blocks cut the image unevenly
+        ((1, 10, 6), (1, 2, 2), (1, 8, 8)),  # several images, one a single merge block
+        ((2, 6, 4), (1, 4, 6)),  # a two-frame entry: attention per frame
+    ],
+)
+def test_matches_transformers(models, grid):
+    visual, tower = models
+    assert tower.cfg.merge_window == 2 and VISION_KW["fullatt_block_indexes"] == [1, 3]
+    pv = pixels(grid, seed=sum(map(sum, grid)))
+    with torch.no_grad():
+        want = visual(torch.from_numpy(pv), grid_thw=torch.tensor(grid)).pooler_output.numpy()
+    graphdef, state = nnx.split(tower)
+    GRAPHDEF[:] = [graphdef]
+    got = np.asarray(run(state, jnp.asarray(pv), grid))
+    assert got.shape == want.shape == (len(pv) // 4, tower.cfg.out_hidden_size)
+    print(f"max abs err {np.abs(got - want).max():.2e} (outputs up to {np.abs(want).max():.1f})")
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    # The window layers matter: with every layer attending per frame the result changes.
+    if any(h > 4 or w > 4 for _, h, w in grid):
+        full = dataclasses.replace(tower.cfg, fullatt_block_indexes=(0, 1, 2, 3))
+        all_full = VisionTower(full, rngs=nnx.Rngs(0))
+        nnx.update(all_full, state)
+        assert np.abs(np.asarray(all_full(jnp.asarray(pv), grid)) - want).max() > 1e-3
+
+
+def test_window_layout_segments():
+    # Grid 2 frames x (3 x 5) merge blocks, windows of 2 x 2 blocks -> per frame 2 x 3 windows.
+    lay = window_layout(((2, 6, 10),), 2, 2)
+    units = lay.window_segments[::4]
+    assert np.bincount(units).tolist() == [4, 4, 2, 2, 2, 1] * 2
+    assert np.all(np.diff(units) >= 0)  # every window is one contiguous run
+    assert np.bincount(lay.frame_segments).tolist() == [60, 60]
+    # Patches inside one window are spatially close; the inverse undoes the block permutation.
+    perm_units = lay.patch_perm[::4] // 4
+    np.testing.assert_array_equal(perm_units[lay.unit_inverse], np.arange(30))
+
+
+def test_param_axes(models):
+    _, tower = models
+    meta = {
+        "/".join(map(str, k)): v.get_metadata().get("out_sharding")
+        for k, v in nnx.to_flat_state(nnx.state(tower, nnx.Param))
+    }
+    assert meta["blocks/attn/qkv/kernel"] == ("layers", "embed", None, "heads")
+    assert meta["blocks/mlp/gate/kernel"] == ("layers", "embed", "mlp")
+    assert meta["patch_embed/kernel"] == (None, "embed")
+    assert meta["merger/fc2/kernel"] == ("mlp", "embed")
+    assert all(v is not None for v in meta.values())
+
+
+def test_bad_inputs(models):
+    _, tower = models
+    pv = jnp.zeros((16, 1176))
+    with pytest.raises(ValueError, match=r"needs \(24, 1176\)"):
+        tower(pv, ((1, 4, 6),))
+    with pytest.raises(ValueError, match=r"grid_thw\[1\].*multiples of spatial_merge_size"):
+        tower(pv, ((1, 2, 2), (1, 3, 4)))
+    with pytest.raises(TypeError, match="static"):
+        jax.jit(lambda g: tower(pv, g))(jnp.array([[1, 4, 4]]))
+    with pytest.raises(ValueError, match="window_size"):
+        VisionConfig(window_size=20)
+    with pytest.raises(ValueError, match="fullatt_block_indexes"):
+        VisionConfig(depth=4)
