@@ -37,17 +37,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
+from pretzel_jax.convert.safetensors_io import (
+    ConversionError,
+    read_safetensors,
+    write_safetensors,
+)
 from pretzel_jax.flow import FlowConfig
 from pretzel_jax.flow.latent_flow import LatentFlow, LatentFlowConfig
 from pretzel_jax.sample import latent_flow as store
-
-
-class ConversionError(ValueError):
-    """A checkpoint or constructor that cannot be ported; the message names what and why."""
-
 
 # Constructor options with the values our port implements; anything else is refused by name.
 _REQUIRED = {
@@ -387,30 +385,6 @@ def constructor_from_config(cfg: LatentFlowConfig) -> dict:
 
 
 # -- files and the command line ---------------------------------------------------------------
-
-_PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")
-
-
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file as float32 numpy (bf16/fp16 files included)."""
-    path = Path(path)
-    if path.suffix in _PICKLE_SUFFIXES:
-        raise ConversionError(
-            f"{path} is a pickled PyTorch file, which we never load. Re-save it as safetensors "
-            "where you trust it: `sd = torch.load(path, weights_only=True)` then "
-            "`safetensors.torch.save_file(sd, 'model.safetensors')`"
-        )
-    if not path.exists():
-        raise ConversionError(f"weights file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="flax") as f:
-            return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}  # noqa: SIM118
-    except SafetensorError as e:
-        raise ConversionError(f"{path} is not a readable safetensors file: {e}") from None
-
-
-def write_safetensors(tensors: dict[str, np.ndarray], path: str | Path) -> None:
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
 
 
 def main(argv: list[str] | None = None) -> int:
