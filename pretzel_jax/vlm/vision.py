@@ -4,12 +4,14 @@ Patches arrive in the processor's order: per image, per frame, merge blocks (m x
 raster order and the m*m patches of a block consecutive. The tower first permutes whole merge
 blocks into *window order* (frame, window row, window column, block inside the window), so that
 every attention window is a contiguous run, runs all blocks there, merges each block's m*m
-patches into one token, and permutes the merged tokens back to processor order. HF runs window
-layers as variable-length attention over `cu_seqlens`; here every layer is dense attention with
-a block-diagonal mask built from segment ids: one segment per frame in the
-`fullatt_block_indexes` layers, one per window in the others. The layout depends only on the
-static `grid_thw`, so it is computed on the host and baked into the trace (one compile per grid
-set).
+patches into one token, and permutes the merged tokens back to processor order.
+
+HF runs attention as variable-length segments (`cu_seqlens`): one per frame in the
+`fullatt_block_indexes` layers, one per window in the others. Here the segments are gathered into
+a padded batch (segments x longest segment) and attended with a key-padding mask, so a window
+layer costs N x window tokens rather than N**2; a scanned boolean picks the grouping per layer
+(`lax.cond`). The layout depends only on the static `grid_thw`, so it is computed on the host and
+baked into the trace (one compile per grid set).
 """
 
 from __future__ import annotations
@@ -112,13 +114,37 @@ def normalize_grid(grid_thw, merge: int) -> Grid:
 
 
 @dataclasses.dataclass(frozen=True)
+class Groups:
+    """Contiguous attention segments of the window-ordered sequence laid out as a padded batch:
+    index (G, L) token of each slot (0 in padding), valid (G, L), inverse (N,) flat slot of each
+    token. Attention then costs G * L**2 instead of N**2."""
+
+    index: np.ndarray
+    valid: np.ndarray
+    inverse: np.ndarray
+
+    @classmethod
+    def from_segments(cls, seg: np.ndarray) -> Groups:
+        counts = np.bincount(seg)
+        length = int(counts.max())
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        pos = np.arange(len(seg)) - starts[seg]
+        index = np.zeros((len(counts), length), np.int32)
+        valid = np.zeros((len(counts), length), bool)
+        index[seg, pos] = np.arange(len(seg))
+        valid[seg, pos] = True
+        return cls(index, valid, (seg * length + pos).astype(np.int32))
+
+
+@dataclasses.dataclass(frozen=True)
 class WindowLayout:
     """Host-side constants for one grid set. N patches, U = N / merge**2 merge blocks.
 
     patch_perm (N,): window-order patch j is processor-order patch patch_perm[j].
     unit_inverse (U,): processor-order merged token u is window-order token unit_inverse[u].
     positions (N, 2): (row, col) patch coordinates in window order (the rotary ids).
-    frame_segments, window_segments (N,): attention segment ids in window order.
+    frame_segments, window_segments (N,): attention segment ids in window order (each segment a
+    contiguous run), and the same as padded `Groups`.
     """
 
     patch_perm: np.ndarray
@@ -126,6 +152,14 @@ class WindowLayout:
     positions: np.ndarray
     frame_segments: np.ndarray
     window_segments: np.ndarray
+
+    @functools.cached_property
+    def frames(self) -> Groups:
+        return Groups.from_segments(self.frame_segments)
+
+    @functools.cached_property
+    def windows(self) -> Groups:
+        return Groups.from_segments(self.window_segments)
 
 
 @functools.lru_cache(maxsize=64)
@@ -182,6 +216,15 @@ class FusedQKV(nnx.Module):
         return y + self.bias[...].astype(dt)
 
 
+def grouped_attention(q, k, v, groups: Groups, scale: float) -> jax.Array:
+    """q, k, v (N, H, D) -> (N, H, D): full attention inside each group, none across."""
+    slots = jnp.arange(groups.index.shape[1])
+    mask = make_mask(slots, slots, causal=False, kv_mask=jnp.asarray(groups.valid))
+    idx = jnp.asarray(groups.index)
+    out = dot_product_attention(q[idx], k[idx], v[idx], mask, scale)
+    return out.reshape(-1, *out.shape[2:])[jnp.asarray(groups.inverse)]
+
+
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, **kw):
         self.qkv = FusedQKV(cfg.hidden_size, rngs=rngs, **kw)
@@ -190,13 +233,19 @@ class VisionAttention(nnx.Module):
         )
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
 
-    def __call__(self, x: jax.Array, rope, mask: jax.Array) -> jax.Array:
-        b, n, d = x.shape
-        q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim), 2, 0)
-        q = apply_rope(q, *rope, interleaved=False)
-        k = apply_rope(k, *rope, interleaved=False)
-        out = dot_product_attention(q, k, v, mask, self.head_dim**-0.5)
-        return self.proj(out.reshape(b, n, d))
+    def __call__(self, x: jax.Array, rope, layout: WindowLayout, full: jax.Array) -> jax.Array:
+        """x (N, hidden); `full` (traced bool) picks per-frame over per-window attention."""
+        n, d = x.shape
+        q, k, v = jnp.moveaxis(self.qkv(x).reshape(1, n, 3, self.heads, self.head_dim), 2, 0)
+        q = apply_rope(q, *rope, interleaved=False)[0]
+        k = apply_rope(k, *rope, interleaved=False)[0]
+        scale = self.head_dim**-0.5
+        out = jax.lax.cond(
+            full,
+            lambda: grouped_attention(q, k, v[0], layout.frames, scale),
+            lambda: grouped_attention(q, k, v[0], layout.windows, scale),
+        )
+        return self.proj(out.reshape(n, d))
 
 
 class VisionBlock(nnx.Module):
@@ -213,10 +262,10 @@ class VisionBlock(nnx.Module):
             cfg.hidden_size, cfg.intermediate_size, kind="swiglu", use_bias=True, rngs=rngs, **kw
         )
 
-    def __call__(self, x: jax.Array, rope, mask: jax.Array) -> jax.Array:
-        x = x + self.attn(self.norm1(x), rope, mask).astype(x.dtype)
+    def __call__(self, x: jax.Array, rope, layout: WindowLayout, full: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x), rope, layout, full).astype(x.dtype)
         x = x + self.mlp(self.norm2(x)).astype(x.dtype)
-        return constrain(x, ("batch", "length", "embed"))
+        return constrain(x, ("length", "embed"))
 
 
 class PatchMerger(nnx.Module):
@@ -278,25 +327,18 @@ class VisionTower(nnx.Module):
             )
         lay = window_layout(grid, cfg.spatial_merge_size, cfg.merge_window)
 
-        x = self.patch_embed(pixel_values[lay.patch_perm])[None]  # (1, N, hidden), window order
+        x = self.patch_embed(pixel_values[lay.patch_perm])  # (N, hidden), window order
         freqs, _ = rope_1d(cfg.head_dim // 2, ROPE_THETA)
         # Half-split pairs: the first head_dim/4 rotate with the patch row, the rest with the
         # column, both with the same frequencies (HF's cat([f_h, f_w]) layout).
         axis_of_pair = np.repeat(np.arange(2, dtype=np.int32), cfg.head_dim // 4)
         rope = rope_angles(jnp.asarray(lay.positions)[None], np.tile(freqs, 2), axis_of_pair)
-        slots = jnp.arange(n)
-        masks = [
-            make_mask(slots, slots, causal=False, q_segments=seg[None], kv_segments=seg[None])
-            for seg in (jnp.asarray(lay.frame_segments), jnp.asarray(lay.window_segments))
-        ]
-
         graphdef, state = nnx.split(self.blocks)
 
         def body(h, xs):
             block_state, full = xs
-            mask = jnp.where(full, masks[0], masks[1])
-            return nnx.merge(graphdef, block_state)(h, rope, mask), None
+            return nnx.merge(graphdef, block_state)(h, rope, lay, full), None
 
         is_full = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
         x, _ = jax.lax.scan(body, x, (state, jnp.asarray(is_full)))
-        return self.merger(x[0])[lay.unit_inverse]
+        return self.merger(x)[lay.unit_inverse]
