@@ -164,3 +164,20 @@ def test_bad_inputs(models):
         VisionConfig(window_size=20)
     with pytest.raises(ValueError, match="fullatt_block_indexes"):
         VisionConfig(depth=4)
+
+
+def test_7b_parameter_count_matches_transformers():
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        Qwen2_5_VisionTransformerPretrainedModel,
+    )
+
+    tower = nnx.eval_shape(lambda: VisionTower(VisionConfig(), rngs=nnx.Rngs(0)))
+    ours = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(tower, nnx.Param)))
+    with torch.device("meta"):
+        theirs = Qwen2_5_VisionTransformerPretrainedModel(
+            Qwen2_5_VLVisionConfig(hidden_size=1280, out_hidden_size=3584)
+        )
+    theirs = sum(p.numel() for p in theirs.parameters())
+    print(f"7B vision tower parameters: ours {ours:,}, transformers {theirs:,}")
+    assert ours == theirs == 676_550_144
