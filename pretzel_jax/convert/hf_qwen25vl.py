@@ -51,6 +51,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from pretzel_jax.convert.safetensors_io import (
     INDEX_FILE,
+    PICKLE_SUFFIXES,
     SINGLE_FILE,
     ConversionError,
     SafetensorsFolder,
@@ -262,10 +263,13 @@ def _filler(files, keys, entries, shape, dtype):
 
 def _hf_shapes(table: list[Entry], state) -> dict[str, tuple[int, ...]]:
     shapes = {p: v.get_value().shape for p, v in nnx.to_flat_state(state)}
-    out = {}
+    out, seen = {}, {}
     for e in table:
         s = shapes[e.ours] if e.layer is None else shapes[e.ours][1:]
-        out[e.hf] = jax.eval_shape(e.transform.to_hf, jax.ShapeDtypeStruct(s, jnp.float32)).shape
+        if (e.transform, s) not in seen:
+            spec = jax.ShapeDtypeStruct(s, jnp.float32)
+            seen[e.transform, s] = jax.eval_shape(e.transform.to_hf, spec).shape
+        out[e.hf] = seen[e.transform, s]
     return out
 
 
@@ -325,6 +329,8 @@ def save(
     `from_pretrained` loads the folder. Tensors are gathered to the host one shard at a time.
     -> the weight file names."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConversionError(f"{path} is a file; save writes a folder: choose a folder path")
     if path.exists() and any(path.iterdir()):
         if not overwrite:
             raise ConversionError(
@@ -340,7 +346,7 @@ def save(
 
     def produce(name: str) -> np.ndarray:
         e = table[name]
-        value = params[e.ours] if e.layer is None else params[e.ours][e.layer]
+        value = params[e.ours] if e.layer is None else _take_layer(params[e.ours], e.layer)
         return np.ascontiguousarray(e.transform.to_hf(np.asarray(jax.device_get(value))))
 
     hf = cfg.to_hf()
@@ -350,6 +356,12 @@ def save(
     return write_sharded(
         path, specs, produce, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"}
     )
+
+
+@jax.jit
+def _take_layer(stacked: jax.Array, layer) -> jax.Array:
+    # A traced index: one compile per parameter shape, not one per layer.
+    return jax.lax.dynamic_index_in_dim(stacked, layer, 0, keepdims=False)
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -371,8 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         model = load(args.inp, dtype=jnp.dtype(args.dtype))
         files = save(model, args.out, max_shard_bytes=int(args.max_shard_gb * 2**30))
         for extra in sorted(Path(args.inp).iterdir()):
-            is_weights = extra.name in _WEIGHT_FILES or extra.name.endswith(".safetensors")
-            if extra.is_file() and not is_weights:
+            weights = extra.name in _WEIGHT_FILES or extra.suffix in (
+                ".safetensors",
+                *PICKLE_SUFFIXES,
+            )
+            if extra.is_file() and not weights:
                 shutil.copy2(extra, Path(args.out) / extra.name)
         print(f"wrote {args.out} ({len(files)} weight file(s))")
     except ConversionError as e:
