@@ -83,9 +83,9 @@ def tiny_qwen2(tied: bool = True, seed: int = 0):
     return randomize_(model, seed), cfg
 
 
-def tiny_qwen25vl(seed: int = 0, tied: bool = False):
-    """-> Qwen2_5_VLForConditionalGeneration in eval mode, fp32 (config at `model.config`)."""
-    cfg = transformers.Qwen2_5_VLConfig(
+def qwen25vl_config(tied: bool = False) -> transformers.Qwen2_5_VLConfig:
+    """The tiny Qwen2.5-VL config alone (no weights)."""
+    return transformers.Qwen2_5_VLConfig(
         text_config=dict(
             **TEXT_KW,
             rope_parameters={
@@ -102,6 +102,11 @@ def tiny_qwen25vl(seed: int = 0, tied: bool = False):
         tie_word_embeddings=tied,
         attn_implementation="eager",
     )
+
+
+def tiny_qwen25vl(seed: int = 0, tied: bool = False):
+    """-> Qwen2_5_VLForConditionalGeneration in eval mode, fp32 (config at `model.config`)."""
+    cfg = qwen25vl_config(tied)
     torch.manual_seed(seed)
     model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).float().eval()
     return randomize_(model, seed)
