@@ -36,8 +36,20 @@ With tol = 0 the cache is exact: the inputs of call k are outputs of call k-1 on
 0 .. k-2, which are exact by then. `refresh_cache=True` adds one call per chunk that rewrites
 the cache from the kept tokens (outputs discarded), for callers who want it exact at any tol.
 
-Everything is one `lax.scan` over chunks with a `lax.while_loop` inside: chunk and max_iters
-are static; z, context, guidance and tol may be traced (no recompilation when they change).
+Sliding window (`window="sliding"`): instead of fixed chunks, one window of K slots starting
+at the first unaccepted slot p. After each call the window accepts its leading slots that are
+exact up to tol and moves past them: slot p always (its inputs are accepted tokens), and slot
+p+j+1 while every slot p .. p+j changed by less than tol in that call (then the inputs that
+produced slot p+j+1 were already final). Here the criterion is per SLOT (the same squared
+relative change, summed over channels only), so tol bounds the error of each accepted token's
+inputs, not of a chunk on average. Slots already in the window keep their latest iterate; slots
+entering it start from the initial guess. Every call accepts >= 1 slot, so at most M calls;
+max_iters does not apply. A chunked window waits for its slowest slot, the sliding one does not:
+at a tight tol it needs far fewer calls for the same samples (benchmarks/flow_bench.py).
+
+Everything is one `lax.scan` over chunks with a `lax.while_loop` inside (sliding: one
+`lax.while_loop`): chunk and max_iters are static; z, context, guidance and tol may be traced
+(no recompilation when they change).
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ from pretzel_jax.flow.block import AFBlock
 from pretzel_jax.flow.stack import DeepShallowFlow
 
 INITS = ("noise", "zeros")
+WINDOWS = ("chunks", "sliding")
 BATCH_REDUCTIONS = ("max", "pooled")
 _TINY = 1e-30
 
@@ -59,6 +72,7 @@ class JacobiStats(NamedTuple):
     """Cost of one block's Jacobi inverse (model call = one transformer pass over a chunk;
     the one-off context prefill, the same for both decoders, is not counted)."""
 
+    # Per chunk (one entry for the sliding window, which is a single moving chunk):
     iterations: jax.Array  # (num_chunks,) int32: transformer calls until the chunk stopped
     change: jax.Array  # (num_chunks,) fp32: the criterion (per batch_reduce) at the last call
     model_calls: jax.Array  # () int32: sum of iterations (+ num_chunks with refresh_cache)
@@ -75,16 +89,18 @@ class FlowJacobiStats(NamedTuple):
     sequential_calls: jax.Array  # (num_blocks,)
 
 
-def _relative_change(new, old, valid, batch_reduce: str = "max"):
+def _relative_change(new, old, valid, batch_reduce: str = "max", per_slot: bool = False):
     """sum (new - old)^2 / sum new^2 over the valid slots: the max over examples, or pooled over
-    the batch (STARFlow). See the module docstring."""
+    the batch (STARFlow). See the module docstring. per_slot: one value per slot (K,), summed
+    over channels only."""
     w = valid[None, :, None].astype(new.dtype)
-    num = jnp.sum(w * jnp.square(new - old), axis=(1, 2))
-    den = jnp.sum(w * jnp.square(new), axis=(1, 2))
+    axes = 2 if per_slot else (1, 2)
+    num = jnp.sum(w * jnp.square(new - old), axis=axes)
+    den = jnp.sum(w * jnp.square(new), axis=axes)
     if batch_reduce == "pooled":
-        num, den = jnp.sum(num), jnp.sum(den)
+        num, den = jnp.sum(num, axis=0), jnp.sum(den, axis=0)
     r = jnp.where(num > 0, num / jnp.maximum(den, _TINY), 0.0)
-    return jnp.max(r)
+    return r if batch_reduce == "pooled" else jnp.max(r, axis=0)
 
 
 def jacobi_inverse(
@@ -104,6 +120,7 @@ def jacobi_inverse(
     init: str = "noise",
     refresh_cache: bool = False,
     batch_reduce: str = "max",
+    window: str = "chunks",
 ) -> tuple[jax.Array, JacobiStats]:
     """z (B, N, D) -> (x (B, N, D) fp32, JacobiStats): `block.inverse` by block-Jacobi.
 
@@ -115,7 +132,8 @@ def jacobi_inverse(
     inf runs one iteration per chunk. init: the first guess, "noise" (the block's own noise,
     STARFlow) or "zeros". refresh_cache: one extra call per chunk writing the cache from the
     kept tokens. batch_reduce: "max" (every example must converge) or "pooled" (STARFlow: one
-    ratio of sums over the whole batch).
+    ratio of sums over the whole batch). window: "chunks" (STARFlow) or "sliding" (module
+    docstring; refresh_cache and max_iters do not apply to it).
     """
     if chunk < 1 or max_iters < 1:
         raise ValueError(f"chunk and max_iters must be >= 1, got {chunk} and {max_iters}")
@@ -123,10 +141,13 @@ def jacobi_inverse(
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if batch_reduce not in BATCH_REDUCTIONS:
         raise ValueError(f"batch_reduce must be one of {BATCH_REDUCTIONS}, got {batch_reduce!r}")
+    if window not in WINDOWS:
+        raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
     b, n, d = z.shape
     m = n if block.sos is not None else n - 1  # decode steps
     num_chunks = -(-m // chunk)
-    padded = num_chunks * chunk
+    # The sliding window may start at any slot < M, so it needs M + K - 1 slots of room.
+    padded = num_chunks * chunk if window == "chunks" else m + chunk - 1
     setup = block._decode_setup(
         z,
         context,
@@ -180,7 +201,33 @@ def jacobi_inverse(
             _, _, _, cache = decode(inputs_of(g), cache, step, z_chunk)
         return (g[:, -1], cache), (g, iters, change)
 
-    if num_chunks:
+    def sliding():
+        """One window of K slots at the first unaccepted slot p (module docstring)."""
+
+        def body(state):
+            calls, p, cur, _, cache = state
+            g = jax.lax.dynamic_slice_in_dim(cur, p, chunk, axis=1)
+            last = jax.lax.dynamic_index_in_dim(cur, jnp.maximum(p - 1, 0), 1, keepdims=False)
+            prev = jnp.where(p == 0, setup.first, last)
+            inputs = jnp.concatenate([prev[:, None], g[:, :-1]], axis=1)
+            z_win = jax.lax.dynamic_slice_in_dim(noise, p, chunk, axis=1)
+            g_new, _, _, cache = decode(inputs, cache, p, z_win)
+            v = jax.lax.dynamic_slice_in_dim(valid, p, chunk)
+            r = _relative_change(g_new, g, v, batch_reduce, per_slot=True)
+            # Slot p is exact; slot p+j+1 too while slots p .. p+j did not move (beyond tol).
+            settled = jnp.cumprod((r < tol)[:-1].astype(jnp.int32))
+            accepted = jnp.minimum(1 + jnp.sum(settled), m - p)
+            cur = jax.lax.dynamic_update_slice_in_dim(cur, g_new, p, axis=1)
+            return calls + 1, p + accepted, cur, jnp.max(jnp.where(v, r, 0.0)), cache
+
+        state = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), guess)
+        state = (*state, jnp.full((), jnp.inf, jnp.float32), setup.cache)
+        calls, _, cur, change, _ = jax.lax.while_loop(lambda s: s[1] < m, body, state)
+        return cur[:, :m], calls[None], change[None]
+
+    if window == "sliding" and m:
+        xs, iters, change = sliding()
+    elif num_chunks:
         _, (gs, iters, change) = jax.lax.scan(
             one_chunk, (setup.first, setup.cache), jnp.arange(num_chunks)
         )
@@ -189,7 +236,8 @@ def jacobi_inverse(
         iters, change = jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.float32)
         xs = setup.noise
     x, _, _ = block._decode_finish(setup, xs, xs, xs)  # (mu, sigma) are not kept here
-    calls = jnp.sum(iters) + (num_chunks if refresh_cache else 0)
+    refreshes = num_chunks if refresh_cache and window == "chunks" else 0
+    calls = jnp.sum(iters) + refreshes
     stats = JacobiStats(iters, change, calls.astype(jnp.int32), jnp.asarray(m, jnp.int32))
     return x, stats
 
@@ -211,6 +259,7 @@ def jacobi_flow_inverse(
     init: str = "noise",
     refresh_cache: bool = False,
     batch_reduce: str = "max",
+    window: str = "chunks",
 ) -> tuple[jax.Array, FlowJacobiStats]:
     """`DeepShallowFlow.inverse` with every block decoded by `jacobi_inverse`: the deep block
     first (guided when `uncond_context` is given), then the shallow blocks in reverse order,
@@ -224,6 +273,7 @@ def jacobi_flow_inverse(
         init=init,
         refresh_cache=refresh_cache,
         batch_reduce=batch_reduce,
+        window=window,
     )
     h, deep_stats = jacobi_inverse(
         flow.deep,

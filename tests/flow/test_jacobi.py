@@ -153,6 +153,32 @@ def test_refreshed_cache_makes_every_chunk_start_exact_after_a_single_iteration(
     assert errs[False][0] < 1e-5 and errs[False][1:].min() > 1e-3, errs[False]
 
 
+@pytest.mark.parametrize("use_sos", [True, False])
+def test_sliding_window_is_sequential_at_tol_zero_and_saves_calls_at_a_tight_tol(use_sos):
+    block = make_flow(use_sos=use_sos, std=0.02).deep  # weakly coupled: slots settle early
+    z, ctx, mask, uncond = _data()
+    kw = dict(guidance=2.0, uncond_context=uncond)
+    expected = jax.jit(lambda z: block.inverse(z, ctx, mask, **kw))(z)
+    run = jax.jit(
+        lambda z, tol: jacobi_inverse(
+            block, z, ctx, mask, chunk=CHUNK, tol=tol, window="sliding", **kw
+        )
+    )
+    m = N if use_sos else N - 1
+    x, stats = run(z, 0.0)  # one accepted slot per call: the sequential decoder
+    np.testing.assert_allclose(x, expected, atol=1e-4)
+    assert int(stats.model_calls) == int(stats.sequential_calls) == m
+    assert stats.iterations.shape == (1,)
+    # A tight tol accepts settled slots early: fewer calls, the same sample.
+    x, stats = run(z, 1e-10)
+    np.testing.assert_allclose(x, expected, atol=1e-4)
+    assert int(stats.model_calls) < m
+    # tol = inf accepts the whole window after one call: wrong, so the comparison can fail.
+    x, stats = run(z, jnp.inf)
+    assert int(stats.model_calls) == -(-m // CHUNK)
+    assert _max_diff(x, expected) > 1e-2
+
+
 def test_shift_block_of_one_token_is_the_identity():
     block = make_flow(use_sos=False).blocks[0]
     z = jax.random.normal(jax.random.key(1), (2, 1, 3))
@@ -170,6 +196,9 @@ def test_relative_change_is_the_worst_examples_squared_ratio_over_real_slots():
     np.testing.assert_allclose(_relative_change(new[1:], old[1:], valid), 0.01, rtol=1e-6)
     # STARFlow's pooled ratio: (1 + 0.25) / (5 + 25)
     np.testing.assert_allclose(_relative_change(new, old, valid, "pooled"), 1.25 / 30, rtol=1e-6)
+    # Per slot (sliding window): max over examples of each slot's ratio; padding counts 0.
+    per_slot = _relative_change(new, old, valid, per_slot=True)
+    np.testing.assert_allclose(per_slot, [0.0, max(1 / 4, 0.25 / 16), 0.0], rtol=1e-6)
     assert float(_relative_change(old, old, valid)) == 0.0
     assert float(_relative_change(jnp.zeros_like(new), jnp.zeros_like(new), valid)) == 0.0
 
@@ -181,6 +210,8 @@ def test_bad_arguments_are_rejected():
         jacobi_inverse(block, z, chunk=0)
     with pytest.raises(ValueError, match="init"):
         jacobi_inverse(block, z, init="previous")
+    with pytest.raises(ValueError, match="window"):
+        jacobi_inverse(block, z, window="rolling")
     with pytest.raises(ValueError, match="batch_reduce"):
         jacobi_inverse(block, z, batch_reduce="mean")
     with pytest.raises(ValueError, match="guidance_rule"):
