@@ -256,3 +256,18 @@ def test_7b_parameter_count_equals_transformers():
     theirs = sum(p.numel() for p in hf.parameters())
     print(f"Qwen2.5-VL-7B parameters: pretzel_jax {ours:,}, transformers {theirs:,}")
     assert ours == theirs
+
+
+def test_qwen2_folder_is_a_text_only_model(tmp_path):
+    hf, _ = hf_tiny.tiny_qwen2(tied=True, seed=5)
+    hf_tiny.save(hf, tmp_path)
+    ours = hf_qwen25vl.load(tmp_path)
+    assert ours.vision is None and ours.text.lm_head is None
+    ids, mask = left_pad([list(range(10, 18)), list(range(30, 35))])
+    with torch.no_grad():
+        want = hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits
+    # transformers numbers pad slots too here; RoPE only sees position differences, so the
+    # logits of real tokens agree with ours (positions counted over real tokens only).
+    assert max_err(ours(ids, attention_mask=mask), want.numpy(), mask) <= TOL
+    with pytest.raises(ValueError, match="no vision tower"):
+        ours(ids, *images("a"))
