@@ -1,98 +1,22 @@
 """QwenTokenizer renders Qwen2.5-VL's chat template and tokenizes exactly like transformers
 (tokenizer.apply_chat_template and Qwen2_5_VLProcessor with images), on a small byte-level BPE
-trained in-test with Qwen's pre-tokenizer and special tokens."""
-
-import json
+trained in-test with Qwen's pre-tokenizer and special tokens (tests/vlm/tiny_tokenizer.py)."""
 
 import jinja2
 import numpy as np
 import pytest
 import transformers
 from PIL import Image
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, trainers
-from tokenizers import pre_tokenizers as pre
 
 from pretzel_jax.vlm.tokenizer import QwenTokenizer
+from tests.vlm.tiny_tokenizer import QWEN25VL_CHAT_TEMPLATE, ImageOnlyProcessor, write_tokenizer
 
-# Qwen2.5-VL-7B-Instruct's chat_template.json (public).
-QWEN25VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-# Qwen2's pre-tokenizer regex and special tokens (in vocabulary order after the BPE merges).
-QWEN_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-SPECIAL = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
-CORPUS = [
-    "You are a helpful assistant.",
-    "Describe this image in detail, please.",
-    "What is the cat doing? The cat sits on a red mat.",
-    "Two images: compare the left one with the right one!",
-    "Numbers 12345 and symbols #@! and üñíçødé text.",
-] * 4
 MERGE = 2
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen_tok")
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre.Sequence(
-        [
-            pre.Split(Regex(QWEN_REGEX), behavior="isolated"),
-            pre.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    tok.save(str(path / "tokenizer.json"))
-    decoder = {
-        str(tok.token_to_id(t)): {"content": t, "special": True, "lstrip": False, "rstrip": False,
-                                  "normalized": False, "single_word": False}
-        for t in SPECIAL
-    }  # fmt: skip
-    config = {
-        "tokenizer_class": "Qwen2Tokenizer",
-        "added_tokens_decoder": decoder,
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "errors": "replace",
-        "model_max_length": 32768,
-        "chat_template": QWEN25VL_CHAT_TEMPLATE,
-    }
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN25VL_CHAT_TEMPLATE}))
-    return path
+    return write_tokenizer(tmp_path_factory.mktemp("qwen_tok"))
 
 
 @pytest.fixture(scope="module")
@@ -138,14 +62,6 @@ def _images():
     ]
 
 
-class _ImageOnlyProcessor(transformers.Qwen2_5_VLProcessor):
-    """The processor without a video processor (that one needs torchvision, absent here)."""
-
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument_name != "video_processor":
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-
 def test_image_chat_matches_processor(ours, hf_tok):
     images = _images()
     messages = [
@@ -159,7 +75,7 @@ def test_image_chat_matches_processor(ours, hf_tok):
             ],
         }
     ]
-    processor = _ImageOnlyProcessor(
+    processor = ImageOnlyProcessor(
         image_processor=transformers.Qwen2VLImageProcessorPil(
             min_pixels=56 * 56, max_pixels=28 * 28 * 64, merge_size=MERGE
         ),
