@@ -348,12 +348,12 @@ def bench_jacobi(
             return flow.inverse(z, context)
         return flow.inverse(z, context, guidance=w, uncond_context=uncond)
 
-    def jacobi(chunk, batch_reduce):
+    def jacobi(chunk, batch_reduce, window):
         def run(params, z, context, uncond, w, tol):
             return jacobi_flow_inverse(
                 nnx.merge(graphdef, params), z, context, chunk=chunk, tol=tol,
                 max_iters=JACOBI_MAX_ITERS, guidance=w, uncond_context=uncond,
-                batch_reduce=batch_reduce,
+                batch_reduce=batch_reduce, window=window,
             )  # fmt: skip
 
         return run
@@ -369,35 +369,38 @@ def bench_jacobi(
             tj.append(timed(jac_fn, *jac_args)[1])
         return x_seq, Stats(ts), out, Stats(tj)
 
-    # (chunk, tol, criterion) per trained model; the identity model converges at once: one row.
-    cases = [(c, t, "max") for c in chunks for t in tols]
-    cases.append((JACOBI_CHUNK, JACOBI_TOL, "pooled"))  # STARFlow's batch-pooled criterion
+    # (chunk, tol, criterion, window) per trained model; the identity model converges at once:
+    # one row.
+    cases = [(c, t, "max", "chunks") for c in chunks for t in tols]
+    cases += [(JACOBI_CHUNK, t, "max", "sliding") for t in tols]
+    cases.append((JACOBI_CHUNK, JACOBI_TOL, "pooled", "chunks"))  # STARFlow's pooled criterion
     modes = {"no CFG": None, f"CFG {JACOBI_GUIDANCE:g}": uncond}
     params0 = models[0][1]
     seq_fns = {m: compile_once(sequential, params0, z, context, u, w) for m, u in modes.items()}
     tol0 = jnp.asarray(tols[0], jnp.float32)
     jac_fns = {
-        (m, c, red): compile_once(jacobi(c, red), params0, z, context, u, w, tol0)
+        (m, c, red, win): compile_once(jacobi(c, red, win), params0, z, context, u, w, tol0)
         for m, u in modes.items()
-        for c, red in dict.fromkeys((c, red) for c, _, red in cases)
+        for c, red, win in dict.fromkeys((c, red, win) for c, _, red, win in cases)
     }
     rows = []
     for state, params in models:
         for mode, u in modes.items():
-            todo = cases if state.startswith("trained") else [(JACOBI_CHUNK, JACOBI_TOL, "max")]
-            for chunk, tol, red in todo:
+            first = (JACOBI_CHUNK, JACOBI_TOL, "max", "chunks")
+            todo = cases if state.startswith("trained") else [first]
+            for chunk, tol, red, win in todo:
                 tol_a = jnp.asarray(tol, jnp.float32)
                 x_seq, seq_t, (x, st), jac_t = paired_times(
                     seq_fns[mode][0],
                     (params, z, context, u, w),
-                    jac_fns[(mode, chunk, red)][0],
+                    jac_fns[(mode, chunk, red, win)][0],
                     (params, z, context, u, w, tol_a),
                 )
                 if not bool(jnp.all(jnp.isfinite(x_seq)) & jnp.all(jnp.isfinite(x))):
                     raise RuntimeError(f"{state} {mode}: non-finite samples")
                 rows.append(
                     dict(
-                        state=state, mode=mode, chunk=chunk, tol=tol, reduce=red,
+                        state=state, mode=mode, chunk=chunk, tol=tol, reduce=red, window=win,
                         calls=np.asarray(st.model_calls)[::-1],  # sampling order: deep first
                         seq_calls=np.asarray(st.sequential_calls)[::-1],
                         iters=np.asarray(st.iterations)[::-1],
@@ -429,20 +432,30 @@ def print_jacobi(r: dict, repeats: int) -> None:
         "once, shown for contrast only"
     )
     print(
-        "- criterion on the squared relative change |new - old|^2 / |new|^2 of a chunk: `max` "
-        "= worst example (default), `pooled` = sums over the batch (STARFlow); wall ms = "
+        "- criterion on the squared relative change |new - old|^2 / |new|^2 of a chunk (window "
+        "`chunks`, STARFlow) or of each slot (`sliding`: the window moves past its settled "
+        "leading slots): `max` = worst example (default), `pooled` = sums over the batch "
+        "(STARFlow); wall ms = "
         f"median of {repeats} AOT-compiled calls, sequential and Jacobi interleaved; diff = "
         "Jacobi vs sequential sample from the same noise (data range [-1, 1])\n"
     )
-    header = ["model", "mode", "chunk", "tol", "criterion", "Jacobi calls / block", "total"]
-    header += ["sequential", "fewer calls", "seq ms", "Jacobi ms", "speed-up", "max abs diff"]
+    header = ["model", "mode", "window", "chunk", "tol", "criterion", "Jacobi calls / block"]
+    header += [
+        "total",
+        "sequential",
+        "fewer calls",
+        "seq ms",
+        "Jacobi ms",
+        "speed-up",
+        "max abs diff",
+    ]
     header += ["rel L2 diff"]
     rows = []
     for x in r["rows"]:
         total, seq = int(x["calls"].sum()), int(x["seq_calls"].sum())
         rows.append(
             [
-                x["state"], x["mode"], str(x["chunk"]), f"{x['tol']:g}", x["reduce"],
+                x["state"], x["mode"], x["window"], str(x["chunk"]), f"{x['tol']:g}", x["reduce"],
                 " / ".join(str(int(c)) for c in x["calls"]), str(total), str(seq),
                 f"{seq / total:.2f}x", f"{x['seq_ms']:.1f}", f"{x['jac_ms']:.1f}",
                 f"{x['seq_ms'] / x['jac_ms']:.2f}x", f"{x['diff']:.2e}", f"{x['rel']:.2e}",
@@ -450,11 +463,8 @@ def print_jacobi(r: dict, repeats: int) -> None:
         )  # fmt: skip
     print(table(header, rows) + "\n")
     for x in r["rows"]:
-        if x["state"].startswith("trained") and (x["chunk"], x["tol"], x["reduce"]) == (
-            JACOBI_CHUNK,
-            JACOBI_TOL,
-            "max",
-        ):
+        key = (x["chunk"], x["tol"], x["reduce"], x["window"])
+        if x["state"].startswith("trained") and key == (JACOBI_CHUNK, JACOBI_TOL, "max", "chunks"):
             per_block = "; ".join(" ".join(str(int(i)) for i in it) for it in x["iters"])
             print(
                 f"- iterations per chunk, {x['state']}, {x['mode']}, chunk {JACOBI_CHUNK} "
@@ -484,7 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         "'deq' (uniform dequantisation only)",
     )
     ap.add_argument("--jacobi-chunks", default="4,8,16", help="comma list of Jacobi chunk sizes")
-    ap.add_argument("--jacobi-tols", default=f"{JACOBI_TOL:g},1e-5", help="comma list of tols")
+    ap.add_argument("--jacobi-tols", default=f"{JACOBI_TOL:g},1e-5,1e-8", help="comma list of tols")
     ap.add_argument("--jacobi-repeats", type=int, default=7, help="timed calls per Jacobi case")
     args = ap.parse_args(argv)
     sizes = [SIZES[s.strip()] for s in args.sizes.split(",") if s.strip()]
