@@ -4,7 +4,26 @@
 uint8 image; every record of the family stores its specs as exact ground truth.
 """
 
+from pretzel_jax.data.shapes.grammar import (
+    GENEVAL_CATEGORIES,
+    PromptSpec,
+    geneval_category,
+    geneval_prompts,
+    parse_caption,
+    scene_captions,
+)
 from pretzel_jax.data.shapes.render import render
 from pretzel_jax.data.shapes.scene import ObjectSpec, SceneSpec, random_scene
 
-__all__ = ["ObjectSpec", "SceneSpec", "random_scene", "render"]
+__all__ = [
+    "GENEVAL_CATEGORIES",
+    "ObjectSpec",
+    "PromptSpec",
+    "SceneSpec",
+    "geneval_category",
+    "geneval_prompts",
+    "parse_caption",
+    "random_scene",
+    "render",
+    "scene_captions",
+]
