@@ -109,3 +109,30 @@ def test_edges_are_anti_aliased():
         assert np.abs(image - mix).max() <= 1.0
         partial = (t > 0.05) & (t < 0.95)
         assert partial.sum() >= 8, shape
+
+
+def cell_mask(image_size: int, cells: list[tuple[int, int]]) -> np.ndarray:
+    """Pixels that touch any of `cells` (a boundary pixel belongs to both neighbours)."""
+    edges = [image_size * i / 3 for i in range(4)]
+    mask = np.zeros((image_size, image_size), bool)
+    for r, c in cells:
+        rows = slice(math.floor(edges[r]), math.ceil(edges[r + 1]))
+        cols = slice(math.floor(edges[c]), math.ceil(edges[c + 1]))
+        mask[rows, cols] = True
+    return mask
+
+
+def test_same_seed_renders_differ_only_in_changed_cells():
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        scene = random_scene(rng, num_objects=2, background="speckled")
+        o = scene.objects[0]
+        changed = SceneSpec(
+            (o.replace(color="red" if o.color != "red" else "blue"), scene.objects[1])
+        )
+        changed = SceneSpec(changed.objects, scene.background)
+        a = render(scene, 32, np.random.default_rng(11))
+        b = render(changed, 32, np.random.default_rng(11))
+        differs = np.any(a != b, axis=-1)
+        assert differs.any()
+        assert not (differs & ~cell_mask(32, [o.cell])).any()

@@ -13,7 +13,15 @@ import zlib
 
 import numpy as np
 
-from pretzel_jax.data.shapes.scene import BACKGROUNDS, COLORS, SIZES, ObjectSpec, SceneSpec
+from pretzel_jax.data.shapes.scene import (
+    BACKGROUNDS,
+    COLORS,
+    COLS,
+    ROWS,
+    SIZES,
+    ObjectSpec,
+    SceneSpec,
+)
 
 SUPERSAMPLE = 4
 # Gap kept between an object and its cell's border, as a fraction of the cell side.
@@ -39,15 +47,15 @@ def default_rng(spec: SceneSpec, size: int) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(f"{spec.to_json()}|{size}".encode()))
 
 
-def place(spec: SceneSpec, size: int, rng: np.random.Generator) -> list[Placement]:
-    """Jittered placements of `spec`'s objects (draws 2 uniforms per object from `rng`)."""
+def place(spec: SceneSpec, size: int, seed: int) -> list[Placement]:
+    """Jittered placements of `spec`'s objects; each cell's jitter depends only on (seed, cell)."""
     cell = size / 3
     placements = []
     for obj in spec.objects:
         row, col = obj.cell
         half = SIZES[obj.size] * cell / 2
         slack = max(cell / 2 - half - CELL_MARGIN * cell, 0.0)
-        dx, dy = rng.uniform(-slack, slack, size=2)
+        dx, dy = np.random.default_rng([seed, row, col]).uniform(-slack, slack, size=2)
         placements.append(Placement(obj, (col + 0.5) * cell + dx, (row + 0.5) * cell + dy, half))
     return placements
 
@@ -87,9 +95,11 @@ def render_with_placements(
     if size < 12:
         raise ValueError(f"Image size {size} is too small for a 3x3 grid of objects; use >= 12.")
     rng = default_rng(spec, size) if rng is None else rng
-    placements = place(spec, size, rng)
+    seed = int(rng.integers(2**63))
+    placements = place(spec, size, seed)
+    texture_rng = np.random.default_rng([seed, len(ROWS) * len(COLS)])
     ss = SUPERSAMPLE
-    canvas = np.repeat(np.repeat(background(spec.background, size, rng), ss, 0), ss, 1)
+    canvas = np.repeat(np.repeat(background(spec.background, size, texture_rng), ss, 0), ss, 1)
     # Sample points at sub-pixel centres, in output pixel units.
     coords = (np.arange(size * ss, dtype=np.float32) + 0.5) / ss
     for p in placements:
@@ -106,7 +116,10 @@ def render_with_placements(
 def render(spec: SceneSpec, size: int = 32, rng: np.random.Generator | None = None) -> np.ndarray:
     """uint8 (size, size, 3) image of `spec`.
 
-    Deterministic: the jitter and texture come from `rng`, or, when it is None, from a generator
-    seeded by the spec and size (so the same spec always renders the same).
+    Deterministic: the jitter and texture come from one number drawn from `rng`, or, when it is
+    None, from a generator seeded by the spec and size (so the same spec always renders the same).
+    Each cell's jitter and the texture depend only on that number, so two specs rendered with
+    generators in the same state (e.g. an edit's source and target) differ only in the cells whose
+    object changed.
     """
     return render_with_placements(spec, size, rng)[0]
