@@ -127,10 +127,8 @@ def test_same_seed_renders_differ_only_in_changed_cells():
     for _ in range(30):
         scene = random_scene(rng, num_objects=2, background="speckled")
         o = scene.objects[0]
-        changed = SceneSpec(
-            (o.replace(color="red" if o.color != "red" else "blue"), scene.objects[1])
-        )
-        changed = SceneSpec(changed.objects, scene.background)
+        recoloured = o.replace(color="red" if o.color != "red" else "blue")
+        changed = SceneSpec((recoloured, scene.objects[1]), scene.background)
         a = render(scene, 32, np.random.default_rng(11))
         b = render(changed, 32, np.random.default_rng(11))
         differs = np.any(a != b, axis=-1)
