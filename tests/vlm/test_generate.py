@@ -14,7 +14,7 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from pretzel_jax.convert.hf_qwen25vl import load
-from pretzel_jax.vlm import generate as gen
+from pretzel_jax.vlm.generate import _prefill_and_decode, filter_logits, generate, sample_token
 from tests.vlm.hf_tiny import (
     EOS_TOKEN_ID,
     IMAGE_TOKEN_ID,
@@ -76,7 +76,7 @@ def hf_greedy(hf, ids, mask, **kw):
 
 def ours(model, ids, mask, **kw):
     kw = dict(max_new_tokens=NEW, stop_tokens=[EOS_TOKEN_ID], pad_token_id=PAD_TOKEN_ID) | kw
-    return gen.generate(model, ids, mask, **kw)
+    return generate(model, ids, mask, **kw)
 
 
 def test_greedy_text_batch_left_padding_matches_hf(qwen2):
@@ -138,7 +138,7 @@ def test_filters_match_hf_warpers(top_k, top_p):
         ref = TopKLogitsWarper(top_k)(None, ref)
     if top_p < 1.0:
         ref = TopPLogitsWarper(top_p)(None, ref)
-    got = np.asarray(jax.jit(gen.filter_logits)(logits, top_k, top_p))
+    got = np.asarray(jax.jit(filter_logits)(logits, top_k, top_p))
     np.testing.assert_array_equal(got > -1e30, np.isfinite(ref.numpy()))
     kept = np.isfinite(ref.numpy())
     np.testing.assert_array_equal(got[kept], logits[kept])
@@ -148,7 +148,7 @@ def test_filters_match_hf_warpers(top_k, top_p):
 def test_sampling_draws_only_kept_tokens():
     logits = jnp.log(jnp.asarray([[0.05, 0.5, 0.02, 0.15, 0.2, 0.08]] * 512, jnp.float32))
     draw = functools.partial(
-        gen.sample_token, greedy=False, filtered=True, temperature=1.0, top_k=0, top_p=0.8
+        sample_token, greedy=False, filtered=True, temperature=1.0, top_k=0, top_p=0.8
     )
     toks = jax.jit(draw)(logits, jax.random.key(0))
     assert set(np.asarray(toks).tolist()) == {1, 3, 4}  # 0.5 + 0.2 + 0.15 reach 0.8
@@ -171,7 +171,7 @@ def test_stop_tokens_stop_per_example(qwen2):
 
 def test_one_compile_per_bucket(qwen2):
     _, model = qwen2
-    fn = gen._prefill_and_decode
+    fn = _prefill_and_decode
     ids, mask = left_padded(text_prompts(4, [5, 8]))
     ours(model, ids, mask, temperature=0.7, top_p=0.9, seed=1)
     size = fn._cache_size()
@@ -188,9 +188,9 @@ def test_errors(qwen2):
     _, model = qwen2
     ids, mask = left_padded(text_prompts(7, [3, 2]))
     with pytest.raises(ValueError, match="max_new_tokens"):
-        gen.generate(model, ids, mask, max_new_tokens=0)
+        generate(model, ids, mask, max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
-        gen.generate(model, ids, mask, top_p=0.0)
+        generate(model, ids, mask, top_p=0.0)
     mask[1] = 0
     with pytest.raises(ValueError, match="prompt 1 has no tokens"):
-        gen.generate(model, ids, mask)
+        generate(model, ids, mask)
