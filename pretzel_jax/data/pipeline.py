@@ -13,8 +13,12 @@ same directory, is the failure it avoids); run `python -m pretzel_jax.data.prepa
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import os
 import re
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,9 +26,10 @@ import grain
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+import tokenizers
 from tensorflow_datasets.core import read_only_builder
 
-from pretzel_jax.data import digits
+from pretzel_jax.data import digits, layout, schema
 
 # name -> prepare(data_dir): builds that data set under data_dir (idempotent).
 DATASETS: dict[str, Callable[[str], None]] = {digits.NAME: digits.prepare}
@@ -137,9 +142,10 @@ def _split_name(split: str) -> str:
 
 def _data_source(name: str, data_dir: str, split: str) -> Any:
     """Opens `split` of the prepared data set, or raises one error that says how to prepare it."""
+    # Builder configs live under "<builder>/<config>"; the prepare CLI names them with "_".
     fix = (
-        f"run `python -m pretzel_jax.data.prepare --name {name} --data_dir {data_dir}` "
-        "or set config.data.data_dir"
+        f"run `python -m pretzel_jax.data.prepare --name {name.replace('/', '_')} "
+        f"--data_dir {data_dir}` or set config.data.data_dir"
     )
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"Data dir {data_dir} does not exist (data set {name!r}): {fix}.")
@@ -174,3 +180,365 @@ def _narrow_dtypes(example: Mapping[str, Any]) -> dict[str, Any]:
             array = array.astype(np.float32)
         out[key] = array
     return out
+
+
+# --- curriculum stage pipelines over the shared multimodal schema -----------------------------
+#
+#   per recipe: source -> this process's shard -> shuffle -> repeat -> decode_record -> recipe
+#   -> weighted mixture of recipes -> windows of `pack_window` documents -> layout + first-fit
+#   packing (a window becomes n >= 1 packed sequences) -> iterator (threads) -> worker processes
+#   -> rebatch to `batch_size` sequences (in this process)
+#
+# Everything up to the packed windows is a random-access MapDataset, so workers split windows
+# between them and the batches are the same for any `num_workers`; the rebatch state (which
+# window, how far into it) is checkpointed with the rest.
+
+# recipe -> which `datasets` entry it reads. A recipe turns a record into a training document:
+#   t2i:         caption record as text-to-image (caption dropout to the empty prompt)
+#   caption:     caption record as captioning chat: user = the image (+ `caption_prompt`),
+#                assistant = the caption (the target)
+#   vqa, interleaved, edit, text: the records as they are
+RECIPES = {
+    "t2i": "caption",
+    "caption": "caption",
+    "vqa": "vqa",
+    "interleaved": "interleaved",
+    "edit": "edit",
+    "text": "text",
+}
+STAGE_WEIGHTS = {
+    1: dict(t2i=1.0),
+    2: dict(caption=1.0, vqa=1.0),
+    3: dict(t2i=0.3, caption=0.1, vqa=0.2, interleaved=0.25, edit=0.15),
+}
+
+
+def stage_config(stage: int = 3, **overrides: Any) -> ml_collections.ConfigDict:
+    """The data config of curriculum `stage` (1, 2 or 3) with every default, then `overrides`.
+
+    Keys:
+      stage: 1 text-to-image, 2 captioning + VQA, 3 weighted mixture of every recipe.
+      data_dir: the TFDS data dir holding the prepared data sets.
+      datasets: record task -> TFDS name ("shapes/captions"; "" = not available).
+      weights: recipe -> mixture weight (0 = unused); defaults from STAGE_WEIGHTS.
+      tokenizer_dir: folder of tokenizer.json; "" = the one saved beside the first used data set.
+      batch_size: packed sequences per step (global; each process gets batch_size // count).
+      seq_len, latent_grid, image_size, max_images, spatial_merge_size: `layout.LayoutConfig`.
+      caption_dropout: fraction of t2i captions replaced by "" (the unconditional prompt for CFG).
+      caption_variants: t2i/caption recipes pick a caption uniformly from the record's scene
+        JSON "captions" list (when there is one) instead of always the record's text.
+      caption_prompt: user text after the image in the captioning recipe ("" = image only).
+      pack_window: documents packed together; larger packs tighter, costs more per element.
+      num_workers: worker processes (0 = this process). seed: all randomness. shuffle: shuffle
+        "train" splits. drop_remainder: with num_epochs set, drop the last partial batch.
+    """
+    if stage not in STAGE_WEIGHTS:
+        raise ValueError(
+            f"config.data.stage must be one of {sorted(STAGE_WEIGHTS)}, got {stage!r}."
+        )
+    weights = {recipe: 0.0 for recipe in RECIPES}
+    weights.update(STAGE_WEIGHTS[stage])
+    cfg = ml_collections.ConfigDict(
+        dict(
+            stage=stage,
+            data_dir="",
+            datasets=dict(
+                caption="shapes/captions",
+                vqa="shapes/vqa",
+                interleaved="shapes/interleaved",
+                edit="shapes/edits",
+                text="",
+            ),
+            weights=weights,
+            tokenizer_dir="",
+            batch_size=8,
+            seq_len=512,
+            latent_grid=(8, 8),
+            image_size=(32, 32),
+            max_images=0,
+            spatial_merge_size=2,
+            caption_dropout=0.1 if stage in (1, 3) else 0.0,
+            caption_variants=True,
+            caption_prompt="",
+            pack_window=64,
+            num_workers=0,
+            seed=0,
+            shuffle=True,
+            drop_remainder=True,
+        )
+    )
+    for key, value in overrides.items():
+        _check_keys({key: value}, cfg, "config.data")
+        if isinstance(value, Mapping):
+            _check_keys(value, cfg[key], f"config.data.{key}")
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def make_stage_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    split: str,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+) -> grain.DatasetIterator:
+    """Returns a checkpointable iterator of packed batches of stage `data_cfg.stage`.
+
+    Yields dicts of numpy arrays with a leading per-process batch dim: the packed arrays of
+    `pretzel_jax.data.layout` (tokens (b, seq_len), images (b, max_images, H, W, 3), ...), fixed
+    shapes. `it.get_state()` / `it.set_state()` resume exactly (also through Orbax, as
+    `make_iterator`). `num_epochs`: None repeats forever; with an integer the mixture stops when
+    its first recipe runs out (grain's mix).
+    """
+    windows = packed_windows(data_cfg, split, process_index, process_count, num_epochs)
+    it_ds = windows.to_iter_dataset(
+        grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
+    )
+    if data_cfg.num_workers > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
+    local_batch_size = _local_batch_size(data_cfg.batch_size, process_count)
+    it_ds = grain.experimental.RebatchIterDataset(
+        it_ds, local_batch_size, drop_remainder=bool(data_cfg.drop_remainder)
+    )
+    return iter(it_ds)
+
+
+def make_layout(data_cfg: ml_collections.ConfigDict) -> layout.Layout:
+    """The `Layout` (tokenizer + LayoutConfig) the stage pipeline of `data_cfg` uses."""
+    _check_stage_config(data_cfg)
+    return layout.Layout(_load_tokenizer(data_cfg), _layout_config(data_cfg))
+
+
+def stage_documents(
+    data_cfg: ml_collections.ConfigDict,
+    split: str,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+) -> grain.MapDataset:
+    """The mixture of training documents (`schema.Document`, after the recipes) the stage pipeline
+    lays out and packs, as a random-access dataset (inspection, tests, evaluation)."""
+    _check_stage_config(data_cfg)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}.")
+    data_dir = os.fspath(data_cfg.data_dir)
+    shuffle = bool(data_cfg.shuffle) and _split_name(split) == "train"
+    components, weights = [], []
+    for recipe, weight in _used_weights(data_cfg).items():
+        name = data_cfg.datasets[RECIPES[recipe]]
+        ds = grain.MapDataset.source(_data_source(name, data_dir, split))
+        ds = ds[process_index::process_count]
+        if shuffle:
+            ds = ds.seed(_derived_seed(data_cfg.seed, "shuffle", recipe)).shuffle()
+        ds = ds.repeat(num_epochs).map(schema.decode_record)
+        transform = functools.partial(
+            _RECIPE_FNS[recipe], data_cfg=_recipe_options(data_cfg), dataset=name
+        )
+        seed = _derived_seed(data_cfg.seed, "recipe", recipe, process_index)
+        components.append(ds.random_map(transform, seed=seed))
+        weights.append(weight)
+    if len(components) == 1:
+        return components[0]
+    return grain.MapDataset.mix(components, weights)
+
+
+def packed_windows(
+    data_cfg: ml_collections.ConfigDict,
+    split: str,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+) -> grain.MapDataset:
+    """Random-access dataset of packed windows: element k holds the n >= 1 packed sequences
+    (leading dim n) of documents [k * pack_window, (k + 1) * pack_window) of `stage_documents`."""
+    docs = stage_documents(
+        data_cfg,
+        split,
+        process_index=process_index,
+        process_count=process_count,
+        num_epochs=num_epochs,
+    )
+    _local_batch_size(data_cfg.batch_size, process_count)  # fail before any work
+    if data_cfg.pack_window < 1:
+        raise ValueError(f"config.data.pack_window must be >= 1, got {data_cfg.pack_window}.")
+    windows = docs.batch(data_cfg.pack_window, batch_fn=list)
+    return windows.map(_PackWindow(make_layout(data_cfg)))
+
+
+class _PackWindow:
+    """Lays out and packs one window of documents (a picklable callable for worker processes)."""
+
+    def __init__(self, lay: layout.Layout):
+        self.layout = lay
+
+    def __call__(self, docs: list[schema.Document]) -> dict[str, np.ndarray]:
+        return self.layout.pack([self.layout.document(doc) for doc in docs])
+
+
+# -- recipes ----------------------------------------------------------------------------------
+
+
+def _recipe_options(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    # A plain dict: cheap to pickle into workers, and recipes never see unrelated keys.
+    return dict(
+        caption_dropout=float(data_cfg.caption_dropout),
+        caption_variants=bool(data_cfg.caption_variants),
+        caption_prompt=str(data_cfg.caption_prompt),
+    )
+
+
+def _caption_parts(
+    doc: schema.Document, rng: np.random.Generator, options: dict, dataset: str
+) -> tuple[str, schema.Segment]:
+    """(caption text, image segment) of a caption record, the caption maybe a random variant."""
+    texts = [s for s in doc.segments if s.kind == schema.KIND_TEXT]
+    images = [s for s in doc.segments if s.kind == schema.KIND_IMAGE]
+    if len(texts) != 1 or len(images) != 1:
+        raise ValueError(
+            f"record {doc.id!r} of {dataset}: a caption record needs one text and one image "
+            f"segment, it has {len(texts)} and {len(images)}; check config.data.datasets."
+        )
+    caption = texts[0].text
+    if options["caption_variants"] and doc.scene:
+        try:
+            scene = json.loads(doc.scene)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"record {doc.id!r} of {dataset}: scene is not valid JSON ({e}); rebuild the data "
+                "set or set config.data.caption_variants = False."
+            ) from e
+        variants = scene.get("captions") if isinstance(scene, dict) else None
+        if variants:
+            caption = str(variants[rng.integers(len(variants))])
+    return caption, images[0]
+
+
+def _t2i(doc: schema.Document, rng: np.random.Generator, data_cfg: dict, dataset: str):
+    caption, image = _caption_parts(doc, rng, data_cfg, dataset)
+    if rng.random() < data_cfg["caption_dropout"]:
+        caption = ""
+    segments = (
+        schema.Segment.of_text(caption),
+        schema.Segment.of_image(image.image, target=True),
+    )
+    return dataclasses.replace(doc, segments=segments)
+
+
+def _captioning(doc: schema.Document, rng: np.random.Generator, data_cfg: dict, dataset: str):
+    caption, image = _caption_parts(doc, rng, data_cfg, dataset)
+    segments = [schema.Segment.of_image(image.image, role=schema.ROLE_USER)]
+    if data_cfg["caption_prompt"]:
+        segments.append(schema.Segment.of_text(data_cfg["caption_prompt"], role=schema.ROLE_USER))
+    segments.append(schema.Segment.of_text(caption, role=schema.ROLE_ASSISTANT, target=True))
+    return dataclasses.replace(doc, segments=tuple(segments))
+
+
+def _as_is(task: str):
+    def recipe(doc: schema.Document, rng: np.random.Generator, data_cfg: dict, dataset: str):
+        del rng, data_cfg
+        if doc.task != task:
+            raise ValueError(
+                f"record {doc.id!r} of {dataset} has task {doc.task!r}, but that data set is "
+                f"configured as config.data.datasets.{task}; point it at a {task!r} data set."
+            )
+        return doc
+
+    return recipe
+
+
+_RECIPE_FNS = {
+    "t2i": _t2i,
+    "caption": _captioning,
+    **{recipe: _as_is(recipe) for recipe in ("vqa", "interleaved", "edit", "text")},
+}
+
+
+# -- config -----------------------------------------------------------------------------------
+
+
+def _check_keys(given: Mapping[str, Any], known: Mapping[str, Any], where: str) -> None:
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise KeyError(f"{where} has unknown keys {unknown}; known: {sorted(known)}.")
+
+
+def _check_stage_config(data_cfg: ml_collections.ConfigDict) -> None:
+    """Unknown and missing keys fail naming the key (config.data.stage picks the defaults)."""
+    if "stage" not in data_cfg:
+        raise KeyError("config.data is missing 'stage' (1, 2 or 3); start from stage_config().")
+    defaults = stage_config(data_cfg.stage)
+    for where, cfg, known in (
+        ("config.data", data_cfg, defaults),
+        ("config.data.datasets", data_cfg.get("datasets", {}), defaults.datasets),
+        ("config.data.weights", data_cfg.get("weights", {}), defaults.weights),
+    ):
+        _check_keys(cfg, known, where)
+        missing = sorted(set(known) - set(cfg))
+        if missing:
+            raise KeyError(f"{where} is missing {missing}; start from stage_config().")
+    if not 0.0 <= data_cfg.caption_dropout <= 1.0:
+        raise ValueError(
+            f"config.data.caption_dropout must be in [0, 1], got {data_cfg.caption_dropout}."
+        )
+
+
+def _used_weights(data_cfg: ml_collections.ConfigDict) -> dict[str, float]:
+    weights = {recipe: float(w) for recipe, w in data_cfg.weights.items() if w}
+    negative = {recipe: w for recipe, w in weights.items() if w < 0}
+    if negative or not weights:
+        raise ValueError(
+            f"config.data.weights must be >= 0 with at least one > 0, got {dict(data_cfg.weights)}."
+        )
+    for recipe in weights:
+        if not data_cfg.datasets[RECIPES[recipe]]:
+            raise ValueError(
+                f"config.data.weights.{recipe} is {weights[recipe]} but "
+                f"config.data.datasets.{RECIPES[recipe]} is empty; name its TFDS data set or set "
+                "the weight to 0."
+            )
+    return dict(sorted(weights.items(), key=lambda kv: list(RECIPES).index(kv[0])))
+
+
+def _layout_config(data_cfg: ml_collections.ConfigDict) -> layout.LayoutConfig:
+    return layout.LayoutConfig(
+        seq_len=int(data_cfg.seq_len),
+        latent_grid=tuple(data_cfg.latent_grid),
+        image_size=tuple(data_cfg.image_size),
+        max_images=int(data_cfg.max_images),
+        spatial_merge_size=int(data_cfg.spatial_merge_size),
+    )
+
+
+def _load_tokenizer(data_cfg: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
+    folder = data_cfg.tokenizer_dir
+    if not folder:  # the tokenizer saved beside the first data set the stage reads
+        recipe = next(iter(_used_weights(data_cfg)))
+        name = data_cfg.datasets[RECIPES[recipe]]
+        data_dir = os.fspath(data_cfg.data_dir)
+        try:
+            folder = read_only_builder.builder_from_files(name, data_dir=data_dir).data_dir
+        except tfds.core.DatasetNotFoundError as e:
+            raise FileNotFoundError(
+                f"Data set {name!r} not found under {data_dir} (looking for its tokenizer): "
+                f"run `python -m pretzel_jax.data.prepare --name {name.replace('/', '_')} "
+                f"--data_dir {data_dir}` or set config.data.tokenizer_dir."
+            ) from e
+    path = os.path.join(os.fspath(folder), "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no tokenizer.json in {folder}; set config.data.tokenizer_dir to the folder holding "
+            "the data set's tokenizer.json."
+        )
+    return tokenizers.Tokenizer.from_file(path)
+
+
+def _derived_seed(seed: int, *parts: Any) -> int:
+    """A seed for one named use of `seed`, stable across runs and Python versions."""
+    return int(np.random.SeedSequence([seed, *(zlib.crc32(str(p).encode()) for p in parts)])
+               .generate_state(1)[0])  # fmt: skip
