@@ -1,4 +1,10 @@
-"""Grain input pipeline over a TFDS `array_record` data set that is already on local disk.
+"""Grain input pipelines over TFDS `array_record` data sets that are already on local disk.
+
+Two kinds: `make_iterator` batches the records of one data set as they are (digits);
+`make_stage_iterator` builds the curriculum stage pipelines over the shared multimodal schema
+(`schema.py`): recipes, weighted mixture, sequence layout and packing (see the section below).
+
+The plain pipeline:
 
     source (random access) -> this process's shard -> shuffle -> repeat -> narrow dtypes -> batch
     -> iterator (threads) -> worker processes (only when num_workers > 0)
