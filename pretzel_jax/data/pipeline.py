@@ -35,10 +35,11 @@ import tensorflow_datasets as tfds
 import tokenizers
 from tensorflow_datasets.core import read_only_builder
 
-from pretzel_jax.data import digits, layout, schema
+from pretzel_jax.data import digits, formats, layout, schema
+from pretzel_jax.data.shapes.builder import PREPARERS as SHAPES_PREPARERS
 
 # name -> prepare(data_dir): builds that data set under data_dir (idempotent).
-DATASETS: dict[str, Callable[[str], None]] = {digits.NAME: digits.prepare}
+DATASETS: dict[str, Callable[[str], None]] = {digits.NAME: digits.prepare, **SHAPES_PREPARERS}
 
 REQUIRED_KEYS = (
     "name",
@@ -149,10 +150,17 @@ def _split_name(split: str) -> str:
 def _data_source(name: str, data_dir: str, split: str) -> Any:
     """Opens `split` of the prepared data set, or raises one error that says how to prepare it."""
     # Builder configs live under "<builder>/<config>"; the prepare CLI names them with "_".
-    fix = (
-        f"run `python -m pretzel_jax.data.prepare --name {name.replace('/', '_')} "
-        f"--data_dir {data_dir}` or set config.data.data_dir"
-    )
+    # Users' own data (real formats) is built from their files by the formats CLI instead.
+    if name.split("/")[0] in formats.BUILDER_NAMES.values():
+        fix = (
+            "build it from your files with `python -m pretzel_jax.data.formats <format> --src "
+            f"PATH --data_dir {data_dir} --name ...` or set config.data.data_dir"
+        )
+    else:
+        fix = (
+            f"run `python -m pretzel_jax.data.prepare --name {name.replace('/', '_')} "
+            f"--data_dir {data_dir}` or set config.data.data_dir"
+        )
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"Data dir {data_dir} does not exist (data set {name!r}): {fix}.")
     try:
