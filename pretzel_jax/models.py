@@ -11,8 +11,10 @@ from flax import nnx
 
 from pretzel_jax.flow import FlowConfig
 from pretzel_jax.flow.image_flow import ImageFlow, ImageFlowConfig
+from pretzel_jax.vlm import TextConfig, VisionConfig, VLMConfig
+from pretzel_jax.vlm.lm_loss import PackedLM
 
-KINDS = ("image_flow",)
+KINDS = ("image_flow", "vlm")
 
 
 def _defaults(cls) -> dict:
@@ -31,15 +33,89 @@ def default_model_config() -> ml_collections.ConfigDict:
             "kind": "image_flow",
             "image_flow": image,
             "flow": flow,
+            "vlm": _default_vlm_config(),
             # End-of-run report (ImageFlow): CFG sample grid and held-out bits/dim.
+            # (vlm): greedy VQA and captions on `vqa_records`/`caption_records` records of the
+            # test and heldout splits; `export_hf` also writes the run dir's hf/ folder.
             "report": {
                 "guidance": 1.0,
                 "samples_per_class": 10,
                 "dequant_draws": 4,
                 "split": "test",
+                "vqa_records": 200,
+                "caption_records": 200,
+                "batch_size": 64,
+                "export_hf": True,
             },
         }
     )
+
+
+def _default_vlm_config() -> dict:
+    """The toy Qwen2.5-VL of stage 0 (shapes word tokenizer ids; 32 px images -> 8x8 tokens)."""
+    from pretzel_jax.data import tokenizer as tok
+
+    text = _defaults(TextConfig) | dict(
+        vocab_size=0,  # 0 = the shapes word tokenizer's size
+        hidden_size=128,
+        intermediate_size=384,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        mrope_section=(4, 6, 6),  # head_dim 32 / 2, Qwen's 2:3:3 split
+        tie_word_embeddings=True,
+    )
+    vision = _defaults(VisionConfig) | dict(
+        depth=4,
+        hidden_size=64,
+        intermediate_size=192,
+        num_heads=4,
+        patch_size=2,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        window_size=8,  # 2x2 merge blocks per window
+        fullatt_block_indexes=(1, 3),
+        out_hidden_size=0,  # 0 = text hidden_size
+    )
+    return dict(
+        text=text,
+        vision=vision,
+        image_token_id=tok.IMAGE_PAD_ID,
+        video_token_id=tok.VIDEO_PAD_ID,
+        vision_start_token_id=tok.VISION_START_ID,
+        vision_end_token_id=tok.VISION_END_ID,
+        bos_token_id=-1,  # -1 = none
+        eos_token_id=tok.IM_END_ID,
+    )
+
+
+def vlm_config(model_cfg: ml_collections.ConfigDict) -> VLMConfig:
+    kw = model_cfg.vlm.to_dict()
+    text = dict(kw.pop("text"))
+    vision = dict(kw.pop("vision"))
+    if not text["vocab_size"]:
+        text["vocab_size"] = shapes_vocab_size()
+    vision["out_hidden_size"] = vision["out_hidden_size"] or text["hidden_size"]
+    if kw["bos_token_id"] < 0:
+        kw["bos_token_id"] = None
+    return _make(
+        VLMConfig,
+        dict(
+            text=_make(TextConfig, text, "model.vlm.text"),
+            vision=_make(VisionConfig, vision, "model.vlm.vision"),
+            **kw,
+        ),
+        "model.vlm",
+    )
+
+
+def shapes_vocab_size() -> int:
+    """Size of the shapes family's word tokenizer (fixed ids, then its words)."""
+    from pretzel_jax.data import tokenizer as tok
+    from pretzel_jax.data.shapes.tasks import WORDS
+
+    fixed = [*tok.SPECIAL_TOKENS, *tok.ROLE_WORDS, *tok.PUNCTUATION]
+    return len(fixed) + len(set(WORDS) - set(fixed))
 
 
 def flow_config(model_cfg: ml_collections.ConfigDict, token_dim: int) -> FlowConfig:
@@ -68,6 +144,8 @@ def build(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
     kind = config.model.kind
     if kind == "image_flow":
         return ImageFlow(image_flow_config(config.model), rngs=rngs)
+    if kind == "vlm":
+        return PackedLM(vlm_config(config.model), rngs=rngs)
     raise ValueError(f"config.model.kind={kind!r} is unknown; use one of {KINDS}")
 
 
@@ -75,6 +153,10 @@ def report_fn(config: ml_collections.ConfigDict) -> Callable | None:
     """The end-of-run report for this model kind: fn(model, config, data, key, run_dir) -> dict."""
     if config.model.kind == "image_flow":
         from pretzel_jax.eval.image_flow_report import report
+
+        return report
+    if config.model.kind == "vlm":
+        from pretzel_jax.eval.vlm_report import report
 
         return report
     return None

@@ -40,6 +40,10 @@ from pretzel_jax.data.shapes.builder import PREPARERS as SHAPES_PREPARERS
 
 # name -> prepare(data_dir): builds that data set under data_dir (idempotent).
 DATASETS: dict[str, Callable[[str], None]] = {digits.NAME: digits.prepare, **SHAPES_PREPARERS}
+# Image-only views for image autoencoders (the FAE): {"image": uint8 (H, W, 3)} per caption
+# record of these builders.
+IMAGE_VIEWS = {"shapes_images": "shapes/captions", "shapes_images_tiny": "shapes/captions_tiny"}
+DATASETS |= {view: SHAPES_PREPARERS[src.replace("/", "_")] for view, src in IMAGE_VIEWS.items()}
 
 REQUIRED_KEYS = (
     "name",
@@ -104,7 +108,8 @@ def make_iterator(
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}.")
 
-    source = _data_source(name, os.fspath(data_cfg.data_dir), split)
+    view = IMAGE_VIEWS.get(name)
+    source = _data_source(view or name, os.fspath(data_cfg.data_dir), split)
     if shuffle is None:
         shuffle = bool(data_cfg.shuffle) and _split_name(split) == "train"
 
@@ -112,6 +117,8 @@ def make_iterator(
     if shuffle:
         ds = ds.seed(data_cfg.seed).shuffle()
     ds = ds.repeat(num_epochs)  # Reseeds the shuffle each epoch.
+    if view:
+        ds = ds.map(lambda record: {"image": record["images"][0]})
     ds = ds.map(_narrow_dtypes)
     ds = ds.batch(local_batch_size, drop_remainder=bool(data_cfg.drop_remainder))
     it_ds = ds.to_iter_dataset(
@@ -211,16 +218,19 @@ def _narrow_dtypes(example: Mapping[str, Any]) -> dict[str, Any]:
 #   t2i:         caption record as text-to-image (caption dropout to the empty prompt)
 #   caption:     caption record as captioning chat: user = the image (+ `caption_prompt`),
 #                assistant = the caption (the target)
+#   caption_text: caption record as a text-only document (the caption, a plain text target)
 #   vqa, interleaved, edit, text: the records as they are
 RECIPES = {
     "t2i": "caption",
     "caption": "caption",
+    "caption_text": "caption",
     "vqa": "vqa",
     "interleaved": "interleaved",
     "edit": "edit",
     "text": "text",
 }
 STAGE_WEIGHTS = {
+    0: dict(caption=0.3, vqa=0.6, caption_text=0.1),  # toy scale: pretrain the VLM itself
     1: dict(t2i=1.0),
     2: dict(caption=1.0, vqa=1.0),
     3: dict(t2i=0.3, caption=0.1, vqa=0.2, interleaved=0.25, edit=0.15),
@@ -228,10 +238,11 @@ STAGE_WEIGHTS = {
 
 
 def stage_config(stage: int = 3, **overrides: Any) -> ml_collections.ConfigDict:
-    """The data config of curriculum `stage` (1, 2 or 3) with every default, then `overrides`.
+    """The data config of curriculum `stage` (0..3) with every default, then `overrides`.
 
     Keys:
-      stage: 1 text-to-image, 2 captioning + VQA, 3 weighted mixture of every recipe.
+      stage: 0 (toy scale) VLM pretraining: captioning + VQA + text-only captions; 1
+        text-to-image, 2 captioning + VQA, 3 weighted mixture of every recipe.
       data_dir: the TFDS data dir holding the prepared data sets.
       datasets: record task -> TFDS name ("shapes/captions"; "" = not available).
       weights: recipe -> mixture weight (0 = unused); defaults from STAGE_WEIGHTS.
@@ -245,6 +256,8 @@ def stage_config(stage: int = 3, **overrides: Any) -> ml_collections.ConfigDict:
       pack_window: documents packed together; larger packs tighter, costs more per element.
       num_workers: worker processes (0 = this process). seed: all randomness. shuffle: shuffle
         "train" splits. drop_remainder: with num_epochs set, drop the last partial batch.
+      train_split, eval_split, eval_batch_size: what the training loop reads for training and
+        for its periodic eval.
     """
     if stage not in STAGE_WEIGHTS:
         raise ValueError(
@@ -279,6 +292,9 @@ def stage_config(stage: int = 3, **overrides: Any) -> ml_collections.ConfigDict:
             seed=0,
             shuffle=True,
             drop_remainder=True,
+            train_split="train",
+            eval_split="test",
+            eval_batch_size=8,
         )
     )
     for key, value in overrides.items():
@@ -298,6 +314,7 @@ def make_stage_iterator(
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
+    shuffle: bool | None = None,
 ) -> grain.DatasetIterator:
     """Returns a checkpointable iterator of packed batches of stage `data_cfg.stage`.
 
@@ -305,9 +322,10 @@ def make_stage_iterator(
     `pretzel_jax.data.layout` (tokens (b, seq_len), images (b, max_images, H, W, 3), ...), fixed
     shapes. `it.get_state()` / `it.set_state()` resume exactly (also through Orbax, as
     `make_iterator`). `num_epochs`: None repeats forever; with an integer the mixture stops when
-    its first recipe runs out (grain's mix).
+    its first recipe runs out (grain's mix). `shuffle`: defaults to `data_cfg.shuffle` for
+    "train" splits and False otherwise.
     """
-    windows = packed_windows(data_cfg, split, process_index, process_count, num_epochs)
+    windows = packed_windows(data_cfg, split, process_index, process_count, num_epochs, shuffle)
     it_ds = windows.to_iter_dataset(
         grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
     )
@@ -333,6 +351,7 @@ def stage_documents(
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
+    shuffle: bool | None = None,
 ) -> grain.MapDataset:
     """The mixture of training documents (`schema.Document`, after the recipes) the stage pipeline
     lays out and packs, as a random-access dataset (inspection, tests, evaluation)."""
@@ -342,7 +361,8 @@ def stage_documents(
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}.")
     data_dir = os.fspath(data_cfg.data_dir)
-    shuffle = bool(data_cfg.shuffle) and _split_name(split) == "train"
+    if shuffle is None:
+        shuffle = bool(data_cfg.shuffle) and _split_name(split) == "train"
     components, weights = [], []
     for recipe, weight in _used_weights(data_cfg).items():
         name = data_cfg.datasets[RECIPES[recipe]]
@@ -368,6 +388,7 @@ def packed_windows(
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
+    shuffle: bool | None = None,
 ) -> grain.MapDataset:
     """Random-access dataset of packed windows: element k holds the n >= 1 packed sequences
     (leading dim n) of documents [k * pack_window, (k + 1) * pack_window) of `stage_documents`."""
@@ -377,6 +398,7 @@ def packed_windows(
         process_index=process_index,
         process_count=process_count,
         num_epochs=num_epochs,
+        shuffle=shuffle,
     )
     _local_batch_size(data_cfg.batch_size, process_count)  # fail before any work
     if data_cfg.pack_window < 1:
@@ -466,9 +488,15 @@ def _as_is(task: str):
     return recipe
 
 
+def _caption_text(doc: schema.Document, rng: np.random.Generator, data_cfg: dict, dataset: str):
+    caption, _ = _caption_parts(doc, rng, data_cfg, dataset)
+    return dataclasses.replace(doc, segments=(schema.Segment.of_text(caption, target=True),))
+
+
 _RECIPE_FNS = {
     "t2i": _t2i,
     "caption": _captioning,
+    "caption_text": _caption_text,
     **{recipe: _as_is(recipe) for recipe in ("vqa", "interleaved", "edit", "text")},
 }
 
@@ -485,7 +513,7 @@ def _check_keys(given: Mapping[str, Any], known: Mapping[str, Any], where: str) 
 def _check_stage_config(data_cfg: ml_collections.ConfigDict) -> None:
     """Unknown and missing keys fail naming the key (config.data.stage picks the defaults)."""
     if "stage" not in data_cfg:
-        raise KeyError("config.data is missing 'stage' (1, 2 or 3); start from stage_config().")
+        raise KeyError("config.data is missing 'stage' (0..3); start from stage_config().")
     defaults = stage_config(data_cfg.stage)
     for where, cfg, known in (
         ("config.data", data_cfg, defaults),

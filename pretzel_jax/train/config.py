@@ -239,7 +239,7 @@ def validate(
     config: ConfigDict, *, device_count: int | None = None, process_count: int | None = None
 ) -> None:
     """Raise one ConfigError listing every unknown/missing key and impossible combination."""
-    problems = _key_problems(config, default_config())
+    problems = _key_problems(config, _reference_config(config))
     if problems:  # the checks below read fields that might not exist
         raise ConfigError(_report(problems))
     device_count = jax.device_count() if device_count is None else device_count
@@ -249,6 +249,23 @@ def validate(
     problems += _train_problems(config.train)
     if problems:
         raise ConfigError(_report(problems))
+
+
+def _reference_config(config: ConfigDict) -> ConfigDict:
+    """default_config(), with the curriculum stage pipeline's data keys when config.data names a
+    `stage` (`pretzel_jax.data.stage_config`: packed multimodal sequences)."""
+    reference = default_config()
+    data = config.get("data")
+    if isinstance(data, ConfigDict) and "stage" in data:
+        from pretzel_jax.data.pipeline import stage_config  # train/ imports no data code eagerly
+
+        try:
+            stage_data = stage_config(data.stage)
+        except ValueError as e:
+            raise ConfigError(_report([str(e)])) from None
+        reference.unlock()
+        reference.data = stage_data
+    return reference
 
 
 def _report(problems: list[str]) -> str:

@@ -219,7 +219,8 @@ def train(
     """Train `config` in `run_dir` (default `config.run_dir`), resuming from its newest
     checkpoint if there is one, then run the end-of-run `report` (unless preempted).
 
-    `make_iterator` defaults to `pretzel_jax.data.make_iterator`; `build_model` to
+    `make_iterator` defaults to `pretzel_jax.data.make_iterator`, or `make_stage_iterator` when
+    `config.data` names a curriculum `stage`; `build_model` to
     `pretzel_jax.models.build`, in which case `report` defaults to
     `pretzel_jax.models.report_fn(config)`. Returns the last logged metrics (train, `eval/`,
     `report/`) with `step` and `preempted`."""
@@ -233,7 +234,10 @@ def train(
     config.lock()
     # Resolved here so that train/ imports no model or data code at import time.
     if make_iterator is None:
-        from pretzel_jax.data import make_iterator
+        from pretzel_jax.data import make_iterator, make_stage_iterator
+
+        if "stage" in config.data:  # a curriculum stage pipeline (packed sequences)
+            make_iterator = make_stage_iterator
     if build_model is None:
         from pretzel_jax import models
 

@@ -19,6 +19,7 @@ from pretzel_jax.nn import (
     LayerStack,
     RMSNorm,
     TransformerConfig,
+    make_mask,
     rope_angles,
     rope_mrope,
 )
@@ -128,10 +129,13 @@ class TextDecoder(nnx.Module):
         *,
         kv_mask: jax.Array | None = None,
         cache: KVCache | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """embeds (B, L, D); positions (B, L, 3) [t, h, w] (or (B, L): the same on all axes);
         kv_mask (B, L) marks real (non-pad) tokens. With a cache the L tokens are written at
-        cache.index and attend to everything cached before them. -> (final-normed hidden, cache)."""
+        cache.index and attend to everything cached before them. `segment_ids` (B, L), packed
+        training only (no cache): a token attends only inside its own document (same id).
+        -> (final-normed hidden, cache)."""
         cfg = self.cfg
         if positions.ndim == 2:
             positions = jnp.repeat(positions[..., None], 3, axis=-1)
@@ -142,7 +146,15 @@ class TextDecoder(nnx.Module):
             )
         rope = rope_angles(positions, *rope_mrope(cfg.head_dim, cfg.mrope_section, cfg.rope_theta))
         x = constrain(embeds, ("batch", "length", "embed"))
-        x, cache = self.layers(x, rope=rope, kv_mask=kv_mask, cache=cache)
+        mask = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids are for packed training; decode without them")
+            slots = jnp.arange(embeds.shape[1])
+            mask = make_mask(
+                slots, slots, kv_mask=kv_mask, q_segments=segment_ids, kv_segments=segment_ids
+            )
+        x, cache = self.layers(x, rope=rope, mask=mask, kv_mask=kv_mask, cache=cache)
         return self.norm(x), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

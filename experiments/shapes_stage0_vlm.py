@@ -1,0 +1,72 @@
+"""Stage 0 at toy scale: the Qwen2.5-VL architecture (4 layers, 128 wide, GQA 4/2, M-RoPE; a 4-block
+vision tower, 2 px patches, 2x2 merge: a 32 px image is 8x8 = 64 tokens) trained from scratch with
+next-token loss on shapes captioning, VQA and text-only captions, packed 256 tokens per row.
+
+    python -m pretzel_jax.data.prepare --name shapes_vqa --data_dir data_cache
+    python -m pretzel_jax.data.prepare --name shapes_captions --data_dir data_cache
+    python -m pretzel_jax.train --config experiments/shapes_stage0_vlm.py
+
+`:test` is a seconds-long smoke size over the `_tiny` data sets (tests use it). At the end the run
+folder holds report.json (greedy VQA accuracy per question type, caption exact match, on the test
+and the held-out compositional split) and hf/, the model as a Hugging Face folder:
+
+    python -m pretzel_jax.vlm.chat --ckpt runs/shapes_stage0_vlm/hf --image x.png \
+        --prompt "what color is the circle?"
+"""
+
+from pretzel_jax.data.pipeline import stage_config
+from pretzel_jax.train.config import default_config
+
+
+def get_config(arg: str | None = None):
+    c = default_config()
+    c.data = stage_config(
+        0,
+        data_dir="data_cache",
+        batch_size=16,
+        eval_batch_size=16,
+        seq_len=256,  # up to 3 image documents (66 tokens per image slot) per row
+    )
+    c.model.kind = "vlm"  # sizes: pretzel_jax.models._default_vlm_config
+
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.min_lr = 1e-5
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip = 1.0
+
+    c.train.steps = 2000
+    c.train.log_every = 100
+    c.train.eval_every = 0
+    c.train.ckpt_every = 500
+
+    if arg == "test":
+        c.data.datasets.caption = "shapes/captions_tiny"
+        c.data.datasets.vqa = "shapes/vqa_tiny"
+        c.data.batch_size = 2
+        c.data.eval_batch_size = 2
+        c.data.seq_len = 160
+        c.data.pack_window = 4
+        c.model.vlm.text.num_layers = 1
+        c.model.vlm.text.hidden_size = 32
+        c.model.vlm.text.intermediate_size = 64
+        c.model.vlm.text.num_heads = 2
+        c.model.vlm.text.num_kv_heads = 1
+        c.model.vlm.text.mrope_section = (2, 3, 3)
+        c.model.vlm.vision.depth = 2
+        c.model.vlm.vision.hidden_size = 16
+        c.model.vlm.vision.intermediate_size = 32
+        c.model.vlm.vision.num_heads = 2
+        c.model.vlm.vision.fullatt_block_indexes = (1,)
+        c.model.report.vqa_records = 2
+        c.model.report.caption_records = 2
+        c.model.report.batch_size = 4
+        c.train.steps = 4
+        c.train.log_every = 2
+        c.train.eval_every = 2
+        c.train.eval_batches = 1
+        c.train.ckpt_every = 2
+        c.optim.warmup_steps = 2
+    elif arg is not None:
+        raise ValueError(f"unknown size {arg!r}; use no argument or 'test'")
+    return c
