@@ -316,6 +316,17 @@ class VisionTower(nnx.Module):
     def __call__(self, pixel_values: jax.Array, grid_thw: Sequence[Sequence[int]]) -> jax.Array:
         """pixel_values (N, C*T*P*P) in processor order; grid_thw static (t, h, w) per image ->
         (N / merge**2, out_hidden_size), merged tokens in processor order."""
+        x, lay = self._blocks(pixel_values, grid_thw)
+        return self.merger(x)[lay.unit_inverse]
+
+    def features(self, pixel_values: jax.Array, grid_thw: Sequence[Sequence[int]]) -> jax.Array:
+        """The last block's output before the patch merger (and its norm): (N, hidden_size), one
+        row per patch in processor order (the order of `pixel_values`)."""
+        x, lay = self._blocks(pixel_values, grid_thw)
+        return x[np.argsort(lay.patch_perm)]
+
+    def _blocks(self, pixel_values: jax.Array, grid_thw) -> tuple[jax.Array, WindowLayout]:
+        """Patch embedding and every block: (N, hidden_size) in window order, and the layout."""
         cfg = self.cfg
         grid = normalize_grid(grid_thw, cfg.spatial_merge_size)
         n = sum(t * h * w for t, h, w in grid)
@@ -341,4 +352,4 @@ class VisionTower(nnx.Module):
 
         is_full = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
         x, _ = jax.lax.scan(body, x, (state, jnp.asarray(is_full)))
-        return self.merger(x)[lay.unit_inverse]
+        return x, lay
