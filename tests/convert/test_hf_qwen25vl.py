@@ -31,40 +31,20 @@ def flat(model) -> dict[tuple, jax.Array]:
     return {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def torch_logits(hf, ids, pixel_values=None, grid=None) -> np.ndarray:
-    kw = {}
-    if pixel_values is not None:
-        kw = dict(
-            pixel_values=torch.from_numpy(pixel_values),
-            image_grid_thw=torch.tensor(grid),
-            # transformers 5 builds M-RoPE positions only when told which tokens are images.
-            mm_token_type_ids=torch.from_numpy((ids == hf_tiny.IMAGE_TOKEN_ID).astype(np.int32)),
-        )
-    with torch.no_grad():
-        return hf(input_ids=torch.from_numpy(ids), **kw).logits.numpy()
-
-
-def max_err(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
-
-
 IDS = np.random.default_rng(0).integers(0, 990, (2, 7))
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
 def qwen2(request, tmp_path_factory):
     hf, _ = hf_tiny.tiny_qwen2(tied=request.param, seed=1)
-    path = tmp_path_factory.mktemp("qwen2")
-    hf_tiny.save(hf, path)
-    return hf, path
+    return hf, hf_tiny.save(hf, tmp_path_factory.mktemp("qwen2"))
 
 
 @pytest.fixture(scope="module")
 def vl(tmp_path_factory):
     hf = hf_tiny.tiny_qwen25vl(seed=2)
     path = tmp_path_factory.mktemp("qwen25vl")
-    hf_tiny.save(hf, path)
-    return hf, path, hq.load(path)
+    return hf, path, hf_tiny.converted(hf, path)
 
 
 def test_saved_layout_is_the_hub_layout(vl):
@@ -84,18 +64,18 @@ def test_qwen2_logits_match_torch(qwen2):
     model = hq.load(path)
     assert model.vision is None
     assert (model.text.lm_head is None) == hf.config.tie_word_embeddings
-    assert max_err(model(IDS), torch_logits(hf, IDS)) <= TOL
+    assert hf_tiny.max_err(model(IDS), hf_tiny.torch_logits(hf, IDS)) <= TOL
 
 
 def test_qwen25vl_logits_match_torch_text_and_one_image(vl):
     hf, _, model = vl
-    assert max_err(model(IDS), torch_logits(hf, IDS)) <= TOL
+    assert hf_tiny.max_err(model(IDS), hf_tiny.torch_logits(hf, IDS)) <= TOL
     grid = [[1, 4, 8]]  # 32 patches -> 8 merged image tokens
     pixel_values = np.random.default_rng(3).standard_normal((32, 1176)).astype(np.float32)
     s, e, img = hf_tiny.VISION_START_TOKEN_ID, hf_tiny.VISION_END_TOKEN_ID, hf_tiny.IMAGE_TOKEN_ID
     ids = np.array([[5, 6, s, *[img] * 8, e, 7, 8, 9]])
-    want = torch_logits(hf, ids, pixel_values, grid)
-    assert max_err(model(ids, pixel_values, grid), want) <= TOL
+    want = hf_tiny.torch_logits(hf, ids, pixel_values, grid)
+    assert hf_tiny.max_err(model(ids, pixel_values, grid), want) <= TOL
 
 
 def test_transforms_read_any_slice_exactly(vl):
@@ -145,7 +125,7 @@ def test_mesh_load_places_every_slice_and_keeps_logits(vl, monkeypatch):
     # Each device's callback read only its block: (vocab/2, hidden/2), (out/2, in/2).
     assert {s for k, s in reads if k == "model.embed_tokens.weight"} == {(500, 32)}
     assert {s for k, s in reads if k == "model.layers.1.self_attn.q_proj.weight"} == {(32, 32)}
-    assert max_err(model(IDS), torch_logits(hf, IDS)) <= TOL
+    assert hf_tiny.max_err(model(IDS), hf_tiny.torch_logits(hf, IDS)) <= TOL
     # Other rules: embed replicated.
     rules = tuple((k, None if k == "embed" else v) for k, v in DEFAULT_RULES)
     other = hq.load(path, mesh=mesh, rules=rules)
@@ -181,7 +161,8 @@ def test_export_loads_in_transformers_bit_exactly(vl, tmp_path, shard_bytes):
     assert set(got) == set(want)
     for k in want:
         assert torch.equal(got[k], want[k]), k
-    assert max_err(torch_logits(back, IDS), torch_logits(hf, IDS)) <= EXPORT_TOL
+    back_logits = hf_tiny.torch_logits(back, IDS)
+    assert hf_tiny.max_err(back_logits, hf_tiny.torch_logits(hf, IDS)) <= EXPORT_TOL
     with pytest.raises(ConversionError, match="not empty.*overwrite=True"):
         hq.save(model, tmp_path / "out")
     hq.save(model, tmp_path / "out", overwrite=True)  # one file now: stale shards are gone
@@ -201,7 +182,8 @@ def test_qwen2_export_round_trip_and_cli(qwen2, tmp_path):
     assert back.config.tie_word_embeddings == hf.config.tie_word_embeddings
     for k, v in hf.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
-    assert max_err(torch_logits(back, IDS), torch_logits(hf, IDS)) <= EXPORT_TOL
+    back_logits = hf_tiny.torch_logits(back, IDS)
+    assert hf_tiny.max_err(back_logits, hf_tiny.torch_logits(hf, IDS)) <= EXPORT_TOL
 
 
 def test_bf16_load_and_export(vl, tmp_path):

@@ -1,4 +1,7 @@
-"""Seeded tiny random Hugging Face Qwen2 / Qwen2.5-VL models, built offline (torch CPU, fp32).
+"""Seeded tiny random Hugging Face Qwen2 / Qwen2.5-VL models, built offline (torch CPU, fp32), and
+what parity tests do with them: save to a folder and read back through the production converter
+(`converted`: tests never carry their own HF -> pretzel_jax name map), reference logits from
+transformers (`torch_logits`), left-padded batches and error measures.
 
 HF initialises norm weights to 1 and biases to 0, and linear weights with std 0.02, which makes
 many parity bugs invisible (a dropped norm or bias changes nothing). `randomize_` therefore
@@ -9,12 +12,18 @@ with std 0.1, all from one seeded generator.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+
+from pretzel_jax.convert import hf_qwen25vl  # noqa: E402
+from pretzel_jax.vlm.model import Qwen25VL  # noqa: E402
 
 VOCAB = 1000
 # Special ids inside the tiny vocab; ids below 990 are ordinary text tokens.
@@ -112,6 +121,49 @@ def tiny_qwen25vl(seed: int = 0, tied: bool = False):
     return randomize_(model, seed)
 
 
-def save(model, directory) -> None:
-    """save_pretrained in safetensors (config.json + model.safetensors)."""
+def save(model, directory) -> Path:
+    """save_pretrained in safetensors (config.json + model.safetensors) -> the folder."""
     model.save_pretrained(str(directory), safe_serialization=True)
+    return Path(directory)
+
+
+def converted(hf, directory, dtype=jnp.float32) -> Qwen25VL:
+    """`hf` saved to `directory` and loaded by `pretzel_jax.convert.hf_qwen25vl.load` (config via
+    VLMConfig.from_hf, weights via the production name table)."""
+    return hf_qwen25vl.load(save(hf, directory), dtype)
+
+
+def torch_logits(hf, ids, pixel_values=None, grid=None, *, mask=None, pos=None) -> np.ndarray:
+    """transformers' fp32 logits (numpy) for numpy/array inputs; None inputs are not passed."""
+    t = lambda a: None if a is None else torch.as_tensor(np.asarray(a))
+    kw = dict(input_ids=t(ids), attention_mask=t(mask), position_ids=t(pos))
+    if pixel_values is not None:
+        kw.update(
+            pixel_values=t(pixel_values),
+            image_grid_thw=t(grid),
+            # transformers 5 builds M-RoPE positions only when told which tokens are images.
+            mm_token_type_ids=t((np.asarray(ids) == IMAGE_TOKEN_ID).astype(np.int32)),
+        )
+    with torch.no_grad():
+        out = hf(**{k: v for k, v in kw.items() if v is not None})
+    return out.logits.float().numpy()
+
+
+def left_pad(rows) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows of any lengths -> (ids (B, L) int64 padded on the left with PAD_TOKEN_ID,
+    attention mask (B, L) int64, 1 on real tokens)."""
+    total = max(map(len, rows))
+    ids = np.full((len(rows), total), PAD_TOKEN_ID, np.int64)
+    mask = np.zeros(ids.shape, np.int64)
+    for b, row in enumerate(rows):
+        ids[b, total - len(row) :] = row
+        mask[b, total - len(row) :] = 1
+    return ids, mask
+
+
+def max_err(got, want, mask=None) -> float:
+    """max |got - want| in float64; with a (B, L) `mask`, over the tokens where it is nonzero."""
+    err = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
+    if mask is None:
+        return float(err.max())
+    return float(err.max(-1)[np.asarray(mask) != 0].max())

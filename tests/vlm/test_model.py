@@ -146,8 +146,7 @@ SIZES = {"a": (59, 85), "b": (101, 47)}  # odd (H, W) -> grids (1, 4, 6) and (1,
 def tiny(tmp_path_factory):
     hf = hf_tiny.tiny_qwen25vl(seed=0)
     path = tmp_path_factory.mktemp("qwen25vl")
-    hf_tiny.save(hf, path)
-    return hf, path, hf_qwen25vl.load(path)
+    return hf, path, hf_tiny.converted(hf, path)
 
 
 def images(*names):
@@ -166,41 +165,12 @@ def prompt(rng, grids, text_lens):
     return ids
 
 
-def left_pad(rows):
-    total = max(map(len, rows))
-    ids = np.full((len(rows), total), hf_tiny.PAD_TOKEN_ID, np.int64)
-    mask = np.zeros(ids.shape, np.int64)
-    for b, row in enumerate(rows):
-        ids[b, total - len(row) :] = row
-        mask[b, total - len(row) :] = 1
-    return ids, mask
-
-
-def hf_logits(hf, ids, pixel_values=None, grid=None, mask=None):
-    t = lambda a: None if a is None else torch.as_tensor(np.asarray(a))
-    with torch.no_grad():
-        out = hf(
-            input_ids=t(ids),
-            attention_mask=t(mask),
-            pixel_values=t(pixel_values),
-            image_grid_thw=t(grid),
-            # transformers 5 builds M-RoPE positions only when told which tokens are images.
-            mm_token_type_ids=t((np.asarray(ids) == hf_tiny.IMAGE_TOKEN_ID).astype(np.int32)),
-        )
-    return out.logits.float().numpy()
-
-
-def max_err(got, want, mask=None):
-    err = np.abs(np.asarray(got) - want).max(-1)
-    return float(err.max() if mask is None else err[np.asarray(mask) != 0].max())
-
-
 def test_text_only_matches_transformers(tiny):
     hf, _, ours = tiny
     ids = np.random.default_rng(0).integers(0, 990, (2, 9))
     got = ours(ids)
     assert got.shape == (2, 9, hf_tiny.VOCAB) and got.dtype == jnp.float32
-    assert max_err(got, hf_logits(hf, ids)) <= TOL
+    assert hf_tiny.max_err(got, hf_tiny.torch_logits(hf, ids)) <= TOL
 
 
 @pytest.mark.parametrize("names", [("a",), ("a", "b")], ids=["one_image", "two_images"])
@@ -208,19 +178,20 @@ def test_images_match_transformers(tiny, names):
     hf, _, ours = tiny
     pixel_values, grid = images(*names)
     ids = np.array([prompt(np.random.default_rng(1), grid, [3] + [2] * len(names))])
-    want = hf_logits(hf, ids, pixel_values, grid)
-    assert max_err(ours(ids, pixel_values, grid), want) <= TOL
+    want = hf_tiny.torch_logits(hf, ids, pixel_values, grid)
+    assert hf_tiny.max_err(ours(ids, pixel_values, grid), want) <= TOL
     # The images matter: zeroed pixels change the answer.
-    assert max_err(ours(ids, 0 * pixel_values, grid), want) > 1e-2
+    assert hf_tiny.max_err(ours(ids, 0 * pixel_values, grid), want) > 1e-2
 
 
 def test_padded_batch_matches_transformers(tiny):
     hf, _, ours = tiny
     pixel_values, grid = images("a", "b")
     rng = np.random.default_rng(2)
-    ids, mask = left_pad([prompt(rng, grid[:1], [2, 3]), prompt(rng, grid[1:], [5, 6])])
+    ids, mask = hf_tiny.left_pad([prompt(rng, grid[:1], [2, 3]), prompt(rng, grid[1:], [5, 6])])
     got = ours(ids, pixel_values, grid, attention_mask=mask)
-    assert max_err(got, hf_logits(hf, ids, pixel_values, grid, mask), mask) <= TOL
+    want = hf_tiny.torch_logits(hf, ids, pixel_values, grid, mask=mask)
+    assert hf_tiny.max_err(got, want, mask) <= TOL
 
 
 def test_bf16_kl_to_fp32_transformers(tiny):
@@ -228,7 +199,7 @@ def test_bf16_kl_to_fp32_transformers(tiny):
     ours = hf_qwen25vl.load(path, dtype=jnp.bfloat16)
     pixel_values, grid = images("a", "b")
     ids = np.array([prompt(np.random.default_rng(3), grid, [4, 3, 5])])
-    logp = jax.nn.log_softmax(jnp.asarray(hf_logits(hf, ids, pixel_values, grid)), -1)
+    logp = jax.nn.log_softmax(jnp.asarray(hf_tiny.torch_logits(hf, ids, pixel_values, grid)), -1)
     logq = jax.nn.log_softmax(ours(ids, pixel_values, grid), -1)
     kl = float(jnp.mean(jnp.sum(jnp.exp(logp) * (logp - logq), -1)))
     print(f"bf16 vs fp32 transformers: mean KL {kl:.2e} nats")
@@ -260,14 +231,12 @@ def test_7b_parameter_count_equals_transformers():
 
 def test_qwen2_folder_is_a_text_only_model(tmp_path):
     hf, _ = hf_tiny.tiny_qwen2(tied=True, seed=5)
-    hf_tiny.save(hf, tmp_path)
-    ours = hf_qwen25vl.load(tmp_path)
+    ours = hf_tiny.converted(hf, tmp_path)
     assert ours.vision is None and ours.text.lm_head is None
-    ids, mask = left_pad([list(range(10, 18)), list(range(30, 35))])
-    with torch.no_grad():
-        want = hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits
+    ids, mask = hf_tiny.left_pad([list(range(10, 18)), list(range(30, 35))])
+    want = hf_tiny.torch_logits(hf, ids, mask=mask)
     # transformers numbers pad slots too here; RoPE only sees position differences, so the
     # logits of real tokens agree with ours (positions counted over real tokens only).
-    assert max_err(ours(ids, attention_mask=mask), want.numpy(), mask) <= TOL
+    assert hf_tiny.max_err(ours(ids, attention_mask=mask), want, mask) <= TOL
     with pytest.raises(ValueError, match="no vision tower"):
         ours(ids, *images("a"))

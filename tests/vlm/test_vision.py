@@ -1,4 +1,5 @@
-"""VisionTower vs transformers' Qwen2.5-VL vision tower (`model.visual`) on a tiny random model."""
+"""VisionTower vs transformers' Qwen2.5-VL vision tower (`model.visual`) on a tiny random model,
+its weights read through the production converter (hf_tiny.converted)."""
 
 from __future__ import annotations
 
@@ -10,73 +11,17 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_tiny import VISION_KW, tiny_qwen25vl
 
 from pretzel_jax.vlm.vision import VisionConfig, VisionTower, window_layout
-
-
-def config_from_hf(vc) -> VisionConfig:
-    return VisionConfig(
-        depth=vc.depth,
-        hidden_size=vc.hidden_size,
-        intermediate_size=vc.intermediate_size,
-        num_heads=vc.num_heads,
-        in_channels=vc.in_channels,
-        patch_size=vc.patch_size,
-        temporal_patch_size=vc.temporal_patch_size,
-        spatial_merge_size=vc.spatial_merge_size,
-        window_size=vc.window_size,
-        fullatt_block_indexes=tuple(vc.fullatt_block_indexes),
-        out_hidden_size=vc.out_hidden_size,
-    )
-
-
-def load_visual(tower: VisionTower, sd: dict[str, torch.Tensor]) -> VisionTower:
-    """Copy HF `visual.*` tensors (prefix stripped) into the tower: Linear (out, in) -> (in, out),
-    per-block tensors stacked on axis 0, conv (H, C, T, P, P) -> (C*T*P*P, H), fused qkv
-    (3H, H) -> (H, 3, H)."""
-    w = {k: v.detach().numpy() for k, v in sd.items()}
-    depth, hid = tower.cfg.depth, tower.cfg.hidden_size
-
-    def stack(name, fn=lambda a: a):
-        return np.stack([fn(w[f"blocks.{i}.{name}"]) for i in range(depth)])
-
-    def lin(name):
-        return {"kernel": stack(f"{name}.weight", np.transpose), "bias": stack(f"{name}.bias")}
-
-    graphdef, state = nnx.split(tower)
-    pure = nnx.to_pure_dict(state)
-    pure["patch_embed"]["kernel"] = w["patch_embed.proj.weight"].reshape(hid, -1).T
-    blocks = pure["blocks"]
-    blocks["norm1"]["scale"] = stack("norm1.weight")
-    blocks["norm2"]["scale"] = stack("norm2.weight")
-    blocks["attn"]["qkv"] = {
-        "kernel": stack("attn.qkv.weight", lambda a: a.T.reshape(hid, 3, hid)),
-        "bias": stack("attn.qkv.bias", lambda a: a.reshape(3, hid)),
-    }
-    blocks["attn"]["proj"] = lin("attn.proj")
-    for ours in ("gate", "up", "down"):
-        blocks["mlp"][ours] = lin(f"mlp.{ours}_proj")
-    pure["merger"]["ln_q"]["scale"] = w["merger.ln_q.weight"]
-    for ours, theirs in (("fc1", "0"), ("fc2", "2")):
-        pure["merger"][ours] = {
-            "kernel": w[f"merger.mlp.{theirs}.weight"].T,
-            "bias": w[f"merger.mlp.{theirs}.bias"],
-        }
-    flat_ours = {k for k, _ in nnx.to_flat_state(state)}
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
-    assert {k for k, _ in nnx.to_flat_state(state)} == flat_ours
-    return nnx.merge(graphdef, state)
+from tests.vlm import hf_tiny
 
 
 @pytest.fixture(scope="module")
-def models():
-    hf = tiny_qwen25vl(seed=3)
-    visual = hf.model.visual
-    # Abstract init: every parameter is overwritten with HF's (a missed one fails when run).
-    cfg = config_from_hf(hf.config.vision_config)
-    tower = nnx.eval_shape(lambda: VisionTower(cfg, rngs=nnx.Rngs(0)))
-    return visual, load_visual(tower, visual.state_dict())
+def models(tmp_path_factory):
+    """(transformers' vision tower, our VisionTower of the same weights, read from the saved
+    folder by the production converter: a parameter the name table misses fails the load)."""
+    hf = hf_tiny.tiny_qwen25vl(seed=3)
+    return hf.model.visual, hf_tiny.converted(hf, tmp_path_factory.mktemp("qwen25vl")).vision
 
 
 @jax.jit(static_argnums=(0, 3))
@@ -100,7 +45,7 @@ def pixels(grid, seed):
 )
 def test_matches_transformers(models, grid):
     visual, tower = models
-    assert tower.cfg.merge_window == 2 and VISION_KW["fullatt_block_indexes"] == [1, 3]
+    assert tower.cfg.merge_window == 2 and hf_tiny.VISION_KW["fullatt_block_indexes"] == [1, 3]
     pv = pixels(grid, seed=sum(map(sum, grid)))
     with torch.no_grad():
         want = visual(torch.from_numpy(pv), grid_thw=torch.tensor(grid)).pooler_output.numpy()
