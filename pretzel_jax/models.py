@@ -14,7 +14,7 @@ from pretzel_jax.flow.image_flow import ImageFlow, ImageFlowConfig
 from pretzel_jax.vlm import TextConfig, VisionConfig, VLMConfig
 from pretzel_jax.vlm.lm_loss import PackedLM
 
-KINDS = ("image_flow", "vlm")
+KINDS = ("image_flow", "vlm", "fae")
 
 
 def _defaults(cls) -> dict:
@@ -34,6 +34,7 @@ def default_model_config() -> ml_collections.ConfigDict:
             "image_flow": image,
             "flow": flow,
             "vlm": _default_vlm_config(),
+            "fae": _default_fae_config(),  # kind "fae": pretzel_jax.models_fae
             # End-of-run report (ImageFlow): CFG sample grid and held-out bits/dim.
             # (vlm): greedy VQA and captions on `vqa_records`/`caption_records` records of the
             # test and heldout splits; `export_hf` also writes the run dir's hf/ folder.
@@ -49,6 +50,12 @@ def default_model_config() -> ml_collections.ConfigDict:
             },
         }
     )
+
+
+def _default_fae_config() -> ml_collections.ConfigDict:
+    from pretzel_jax import models_fae  # imports vlm and the encoders: only when configs are made
+
+    return models_fae.default_config()
 
 
 def _default_vlm_config() -> dict:
@@ -146,6 +153,10 @@ def build(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
         return ImageFlow(image_flow_config(config.model), rngs=rngs)
     if kind == "vlm":
         return PackedLM(vlm_config(config.model), rngs=rngs)
+    if kind == "fae":
+        from pretzel_jax import models_fae
+
+        return models_fae.build(config, rngs=rngs)
     raise ValueError(f"config.model.kind={kind!r} is unknown; use one of {KINDS}")
 
 
@@ -157,6 +168,10 @@ def report_fn(config: ml_collections.ConfigDict) -> Callable | None:
         return report
     if config.model.kind == "vlm":
         from pretzel_jax.eval.vlm_report import report
+
+        return report
+    if config.model.kind == "fae":
+        from pretzel_jax.eval.fae_report import report
 
         return report
     return None

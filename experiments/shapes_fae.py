@@ -1,0 +1,94 @@
+"""FAE on the shapes family at 32 px through the stage-0 VLM's vision tower (toy scale, CPU).
+
+    python -m pretzel_jax.data.prepare --name shapes_images --data_dir data_cache
+    python -m pretzel_jax.train --config experiments/shapes_fae.py            # phase "feature"
+    python -m pretzel_jax.train --config experiments/shapes_fae.py:adapt      # phase "pixel_adapt"
+
+The encoder is the Qwen2.5-VL vision tower (before its merger) of the stage-0 VLM's Hugging Face
+export, `runs/shapes_stage0_vlm/hf` (experiments/shapes_stage0_vlm.py writes it). While that
+folder is absent the run logs a warning and uses a RANDOMLY INITIALISED, FROZEN tower of the same
+shape (`model.fae.encoder.if_missing = "random"`); set `if_missing=error` to forbid that.
+Patch-2 features (16x16x64) are grouped 2x2 into an 8x8 grid of 256-d tokens -> 8x8xC latents.
+
+Phase "feature" ends by computing the latent normalisation statistics on training images and
+writing `runs/shapes_fae/fae.safetensors`; phase "pixel_adapt" starts from that file. Each run's
+report.json holds PSNR without/with latent noise at sigma_a, the shapes judge's scene accuracy on
+originals and reconstructions, and the per-channel variance of the normalised latents.
+`:test` / `:adapt_test` are seconds-long smoke sizes (tests use them).
+"""
+
+from pretzel_jax.fae.model import FROZEN
+from pretzel_jax.train.config import default_config
+
+STAGE0_VLM = "runs/shapes_stage0_vlm/hf"
+FEATURE_RUN = "runs/shapes_fae"
+
+
+def get_config(arg: str | None = None):
+    sizes = ("test", "adapt", "adapt_test")
+    if arg is not None and arg not in sizes:
+        raise ValueError(f"unknown size {arg!r}; use no argument or one of {sizes}")
+    adapt = arg is not None and arg.startswith("adapt")
+    test = arg is not None and arg.endswith("test")
+
+    c = default_config()
+    c.data.name = "shapes_images"
+    c.data.data_dir = "data_cache"
+    c.data.batch_size = 64
+    c.data.eval_batch_size = 256
+    c.data.eval_split = "validation"
+
+    c.model.kind = "fae"
+    f = c.model.fae
+    f.phase = "pixel_adapt" if adapt else "feature"
+    f.image_size = 32
+    f.feature_group = 2  # 16x16 patch features -> 8x8 latent grid
+    f.latent_channels = 8
+    f.encoder_heads = 4
+    f.decoder_depth = 3
+    f.decoder_width = 128
+    f.decoder_heads = 4
+    f.pixel_depth = 3
+    f.pixel_width = 128
+    f.pixel_heads = 4
+    f.sigma_a = 0.3
+    f.kl_weight = 1e-4
+    f.perceptual_weight = 0.1
+    f.encoder.kind = "qwen_vision"
+    f.encoder.path = STAGE0_VLM
+    f.encoder.if_missing = "random"
+    f.init_from = f"{FEATURE_RUN}/fae.safetensors" if adapt else ""
+    f.report.images = 512
+    f.report.stats_batches = 16
+
+    c.optim.freeze = FROZEN[f.phase]
+    c.optim.lr = 1e-3 if not adapt else 3e-4
+    c.optim.warmup_steps = 100
+    c.optim.min_lr = 1e-5
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip = 1.0
+
+    c.train.steps = 3000 if not adapt else 1000
+    c.train.log_every = 100
+    c.train.eval_every = 1000
+    c.train.eval_batches = 2
+    c.train.ckpt_every = 500
+
+    if test:
+        c.data.name = "shapes_images_tiny"
+        c.data.batch_size = 8
+        c.data.eval_batch_size = 4
+        f.decoder_depth = 1
+        f.pixel_depth = 1
+        f.decoder_width = 32
+        f.pixel_width = 32
+        f.report.images = 16
+        f.report.stats_batches = 2
+        f.report.judge = False
+        c.optim.lr = 3e-3
+        c.optim.warmup_steps = 0
+        c.train.steps = 4
+        c.train.log_every = 1
+        c.train.eval_every = 0
+        c.train.ckpt_every = 2
+    return c

@@ -1,0 +1,198 @@
+"""The registry's "fae" kind: the FAE config section, the frozen representation encoder (a
+Qwen2.5-VL vision tower or DINOv2, from a local Hugging Face folder, or a random frozen toy one),
+and phase-"pixel_adapt" initialisation from a phase-"feature" run's weights. Kept beside
+`models.py` because it composes `fae`, `vlm` and `convert`, which `fae` itself may not import."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from pretzel_jax.fae import weights
+from pretzel_jax.fae.encoders import DinoV2, DinoV2Config, QwenVisionEncoder
+from pretzel_jax.fae.model import FAE, FROZEN, FAEConfig
+from pretzel_jax.train.errors import ConfigError
+from pretzel_jax.vlm import VisionConfig
+from pretzel_jax.vlm.vision import VisionTower
+
+log = logging.getLogger(__name__)
+
+ENCODERS = ("qwen_vision", "dinov2")
+IF_MISSING = ("error", "random")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2.5-VL's processor normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # DINOv2's
+# A random toy Qwen vision tower (the stage-0 VLM's shape at 32 px: patch 4 -> 8x8 features).
+# The stage-0 VLM's tower shape (models._default_vlm_config): patch 2 at 32 px -> 16x16x64
+# features, grouped 2x2 by the FAE (feature_group) into an 8x8 grid of 256-d tokens.
+TOY_QWEN_VISION = dict(
+    depth=4,
+    hidden_size=64,
+    intermediate_size=192,
+    num_heads=4,
+    patch_size=2,
+    temporal_patch_size=2,
+    spatial_merge_size=2,
+    window_size=8,
+    fullatt_block_indexes=(1, 3),
+    out_hidden_size=128,
+)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    fae = {
+        f.name: f.default
+        for f in dataclasses.fields(FAEConfig)
+        if f.default is not dataclasses.MISSING
+    }
+    fae |= dict(
+        image_size=32,
+        # () = the encoder's own input normalisation (DINOv2: ImageNet; Qwen: CLIP).
+        pixel_mean=(),
+        pixel_std=(),
+        encoder=dict(
+            kind="qwen_vision",  # one of ENCODERS
+            # A local HF folder: a Qwen2.5-VL (its vision tower) or a DINOv2 model.
+            path="",
+            # When `path` is empty or absent: "error", or "random" = a randomly initialised,
+            # frozen encoder of shape `random` (toy runs before a pretrained one exists).
+            if_missing="error",
+            random=dict(TOY_QWEN_VISION),
+        ),
+        # Phase "pixel_adapt": the phase-"feature" run's fae.safetensors.
+        init_from="",
+        report=dict(images=512, stats_batches=16, judge=True, export=True),
+    )
+    return ml_collections.ConfigDict(fae)
+
+
+@functools.lru_cache(maxsize=4)
+def _pretrained(kind: str, path: str) -> tuple[object, dict]:
+    """(encoder config, numpy params) from a local HF folder, read once per process."""
+    from pretzel_jax.convert import hf_dinov2, hf_qwen25vl
+    from pretzel_jax.convert.safetensors_io import ConversionError
+
+    try:
+        if kind == "dinov2":
+            model = hf_dinov2.load(path)
+            cfg = model.cfg
+        else:
+            vlm = hf_qwen25vl.load(path)
+            if vlm.vision is None:
+                raise ConversionError(f"{path} holds a text-only Qwen2 model: no vision tower")
+            model, cfg = vlm.vision, vlm.vision.cfg
+    except (ConversionError, OSError, ValueError) as e:
+        raise ConfigError(
+            f"model.fae.encoder.path={path}: cannot load the {kind} encoder: {e}. Point it at a "
+            "complete Hugging Face folder (config.json + model.safetensors) of that model"
+        ) from e
+    params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    return cfg, params
+
+
+def _encoder(enc_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    kind, path = enc_cfg.kind, enc_cfg.path
+    if kind not in ENCODERS:
+        raise ConfigError(f"model.fae.encoder.kind={kind!r} is unknown; use one of {ENCODERS}")
+    if enc_cfg.if_missing not in IF_MISSING:
+        raise ConfigError(f"model.fae.encoder.if_missing must be one of {IF_MISSING}")
+    if path and Path(path).exists():
+        cfg, params = _pretrained(kind, str(Path(path).resolve()))
+    elif enc_cfg.if_missing == "random":
+        _warn_random(kind, path)
+        kw = enc_cfg.random.to_dict()
+        cfg = (DinoV2Config if kind == "dinov2" else VisionConfig)(**kw)
+        params = None
+    else:
+        raise ConfigError(
+            f"model.fae.encoder.path={path!r}: no {kind} encoder there; train or download it, "
+            "or set model.fae.encoder.if_missing=random for a random frozen toy encoder"
+        )
+    if kind == "dinov2":
+        encoder = DinoV2(cfg, rngs=rngs)
+        if params is not None:
+            nnx.update(encoder, params)
+        return encoder, cfg.patch_size, cfg.hidden_size
+    tower = VisionTower(cfg, rngs=rngs)
+    if params is not None:
+        nnx.update(tower, params)
+    return QwenVisionEncoder(tower), cfg.patch_size, cfg.hidden_size
+
+
+@functools.lru_cache(maxsize=8)
+def _warn_random(kind: str, path: str) -> None:
+    log.warning(
+        "FAE encoder: %s; using a RANDOMLY INITIALISED, FROZEN toy %s encoder "
+        "(model.fae.encoder.random). Set model.fae.encoder.path to the stage-0 VLM's Hugging Face "
+        "export for the real toy pipeline.",
+        f"no weights at {path!r}" if path else "model.fae.encoder.path is empty",
+        kind,
+    )
+
+
+def fae_config(model_cfg: ml_collections.ConfigDict, patch: int, feature_dim: int) -> FAEConfig:
+    kw = {k: v for k, v in model_cfg.fae.to_dict().items() if k not in _NOT_FAE_KEYS}
+    s = kw["feature_group"]
+    kw["feature_grid"] = kw["image_size"] // (patch * s)
+    kw["feature_dim"] = feature_dim * s * s
+    own = (CLIP_MEAN, CLIP_STD) if model_cfg.fae.encoder.kind == "qwen_vision" else IMAGENET
+    for key, default in zip(("pixel_mean", "pixel_std"), own, strict=True):
+        kw[key] = tuple(kw[key]) or default
+    try:
+        return FAEConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.model.fae: {e}") from e
+
+
+_NOT_FAE_KEYS = ("encoder", "init_from", "report")
+
+
+def check_freeze(config: ml_collections.ConfigDict) -> None:
+    """The phase's frozen parts must be in optim.freeze (the loop freezes by regex)."""
+    phase = config.model.fae.phase
+    needed = [p for p in FROZEN.get(phase, ()) if p not in tuple(config.optim.freeze)]
+    if needed:
+        raise ConfigError(
+            f"model.fae.phase={phase!r} trains only what it should when optim.freeze holds "
+            f"{list(FROZEN[phase])}; add {needed} (pretzel_jax.fae.model.FROZEN)"
+        )
+
+
+def build(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> FAE:
+    check_freeze(config)
+    fae_cfg = config.model.fae
+    encoder, patch, dim = _encoder(fae_cfg.encoder, rngs=rngs)
+    if fae_cfg.image_size % (patch * fae_cfg.feature_group):
+        raise ConfigError(
+            f"model.fae.image_size={fae_cfg.image_size} is not a multiple of the encoder's patch "
+            f"size {patch} x model.fae.feature_group {fae_cfg.feature_group}"
+        )
+    model = FAE(fae_config(config.model, patch, dim), encoder, rngs=rngs)
+    if fae_cfg.init_from:
+        try:
+            weights.load_into(model, _read(fae_cfg.init_from), fae_cfg.init_from)
+        except weights.FAEWeightsError as e:
+            raise ConfigError(f"model.fae.init_from: {e}") from e
+    elif config.model.fae.phase == "pixel_adapt":
+        raise ConfigError(
+            "model.fae.phase='pixel_adapt' adapts a trained FAE: set model.fae.init_from to the "
+            "phase-'feature' run's fae.safetensors"
+        )
+    return model
+
+
+@functools.lru_cache(maxsize=4)
+def _read(path: str) -> dict[str, np.ndarray]:
+    return weights.read(path)
+
+
+def freeze_patterns(phase: str) -> tuple[str, ...]:
+    """What an experiment puts in optim.freeze for `phase`."""
+    return FROZEN[phase]
