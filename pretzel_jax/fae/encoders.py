@@ -164,8 +164,11 @@ class DinoV2Config:
         if model_type == "dinov2_with_registers":
             kw["interpolate_antialias"] = True
             kw["use_mask_token"] = True  # those checkpoints always carry the mask token
-        else:
-            kw["num_register_tokens"] = kw.get("num_register_tokens", 0)
+        elif kw.get("num_register_tokens", 0):
+            raise ValueError(
+                f"config.json num_register_tokens {kw['num_register_tokens']} with model_type "
+                "'dinov2', which has no register tokens: use model_type 'dinov2_with_registers'"
+            )
         if kw.get("hidden_act", "gelu") not in HF_ACTIVATIONS:
             raise ValueError(
                 f"config.json hidden_act {kw['hidden_act']!r} is not supported; use one of "

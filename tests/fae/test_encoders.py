@@ -89,6 +89,8 @@ def test_config_from_hf():
         DinoV2Config.from_hf({**GIANT_HF, "image_size": [224, 448]})
     with pytest.raises(ValueError, match="model_type 'vit' is not a DINOv2"):
         DinoV2Config.from_hf({**GIANT_HF, "model_type": "vit"})
+    with pytest.raises(ValueError, match="num_register_tokens 4 with model_type 'dinov2'"):
+        DinoV2Config.from_hf({**GIANT_HF, "num_register_tokens": 4})
     with pytest.raises(ValueError, match="hidden_act 'relu'"):
         DinoV2Config.from_hf({**GIANT_HF, "hidden_act": "relu"})
     with pytest.raises(ValueError, match="multiple of num_heads"):
