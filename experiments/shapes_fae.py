@@ -18,6 +18,7 @@ originals and reconstructions, and the per-channel variance of the normalised la
 """
 
 from pretzel_jax.fae.model import FROZEN
+from pretzel_jax.models_fae import TOY_QWEN_VISION
 from pretzel_jax.train.config import default_config
 
 STAGE0_VLM = "runs/shapes_stage0_vlm/hf"
@@ -57,6 +58,7 @@ def get_config(arg: str | None = None):
     f.encoder.kind = "qwen_vision"
     f.encoder.path = STAGE0_VLM
     f.encoder.if_missing = "random"
+    f.encoder.random = dict(TOY_QWEN_VISION)
     f.init_from = f"{FEATURE_RUN}/fae.safetensors" if adapt else ""
     f.report.images = 512
     f.report.stats_batches = 16
@@ -77,7 +79,7 @@ def get_config(arg: str | None = None):
     if test:
         c.data.name = "shapes_images_tiny"
         c.data.batch_size = 8
-        c.data.eval_batch_size = 4
+        c.data.eval_batch_size = 8
         f.decoder_depth = 1
         f.pixel_depth = 1
         f.decoder_width = 32
@@ -85,6 +87,15 @@ def get_config(arg: str | None = None):
         f.report.images = 16
         f.report.stats_batches = 2
         f.report.judge = False
+        f.encoder.random = dict(
+            TOY_QWEN_VISION,
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            fullatt_block_indexes=(0,),
+            out_hidden_size=16,
+        )
         c.optim.lr = 3e-3
         c.optim.warmup_steps = 0
         c.train.steps = 4

@@ -29,9 +29,8 @@ IF_MISSING = ("error", "random")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2.5-VL's processor normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # DINOv2's
-# A random toy Qwen vision tower (the stage-0 VLM's shape at 32 px: patch 4 -> 8x8 features).
-# The stage-0 VLM's tower shape (models._default_vlm_config): patch 2 at 32 px -> 16x16x64
-# features, grouped 2x2 by the FAE (feature_group) into an 8x8 grid of 256-d tokens.
+# experiments/shapes_fae.py's random fallback, shaped like the stage-0 VLM's tower: patch 2 at
+# 32 px -> 16x16x64 features, grouped 2x2 by the FAE (feature_group) into 8x8 tokens of 256.
 TOY_QWEN_VISION = dict(
     depth=4,
     hidden_size=64,
@@ -62,9 +61,10 @@ def default_config() -> ml_collections.ConfigDict:
             # A local HF folder: a Qwen2.5-VL (its vision tower) or a DINOv2 model.
             path="",
             # When `path` is empty or absent: "error", or "random" = a randomly initialised,
-            # frozen encoder of shape `random` (toy runs before a pretrained one exists).
+            # frozen encoder (toy runs before a pretrained one exists) of VisionConfig /
+            # DinoV2Config fields `random` (a dict; None = that config's defaults).
             if_missing="error",
-            random=dict(TOY_QWEN_VISION),
+            random=None,
         ),
         # Phase "pixel_adapt": the phase-"feature" run's fae.safetensors.
         init_from="",
@@ -76,23 +76,31 @@ def default_config() -> ml_collections.ConfigDict:
 @functools.lru_cache(maxsize=4)
 def _pretrained(kind: str, path: str) -> tuple[object, dict]:
     """(encoder config, numpy params) from a local HF folder, read once per process."""
-    from pretzel_jax.convert import hf_dinov2, hf_qwen25vl
     from pretzel_jax.convert.safetensors_io import ConversionError
 
     try:
-        if kind == "dinov2":
-            model = hf_dinov2.load(path)
-            cfg = model.cfg
-        else:
-            vlm = hf_qwen25vl.load(path)
-            if vlm.vision is None:
-                raise ConversionError(f"{path} holds a text-only Qwen2 model: no vision tower")
-            model, cfg = vlm.vision, vlm.vision.cfg
+        # Build may run under a trace (eval_shape, jit): load with concrete arrays regardless.
+        with jax.ensure_compile_time_eval():
+            return _load_pretrained(kind, path)
     except (ConversionError, OSError, ValueError) as e:
         raise ConfigError(
             f"model.fae.encoder.path={path}: cannot load the {kind} encoder: {e}. Point it at a "
             "complete Hugging Face folder (config.json + model.safetensors) of that model"
         ) from e
+
+
+def _load_pretrained(kind: str, path: str) -> tuple[object, dict]:
+    from pretzel_jax.convert import hf_dinov2, hf_qwen25vl
+    from pretzel_jax.convert.safetensors_io import ConversionError
+
+    if kind == "dinov2":
+        model = hf_dinov2.load(path)
+        cfg = model.cfg
+    else:
+        vlm = hf_qwen25vl.load(path)
+        if vlm.vision is None:
+            raise ConversionError(f"{path} holds a text-only Qwen2 model: no vision tower")
+        model, cfg = vlm.vision, vlm.vision.cfg
     params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
     return cfg, params
 
@@ -107,7 +115,8 @@ def _encoder(enc_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         cfg, params = _pretrained(kind, str(Path(path).resolve()))
     elif enc_cfg.if_missing == "random":
         _warn_random(kind, path)
-        kw = enc_cfg.random.to_dict()
+        kw = enc_cfg.random or {}
+        kw = kw.to_dict() if isinstance(kw, ml_collections.ConfigDict) else dict(kw)
         cfg = (DinoV2Config if kind == "dinov2" else VisionConfig)(**kw)
         params = None
     else:

@@ -120,12 +120,13 @@ def report(model: FAE, config, data, key, run_dir: str) -> dict[str, float]:
     if rep.export and jax.process_index() == 0:
         path = weights.save(model, run_dir / "fae.safetensors")
         log.info("FAE weights and latent statistics: %s", path)
-    judge = None
-    if rep.judge:
-        from pretzel_jax.eval import shapes_judge
+    if rep.images:
+        judge = None
+        if rep.judge:
+            from pretzel_jax.eval import shapes_judge
 
-        judge = shapes_judge.load()
-    out |= evaluate(model, rep.images, key, judge)
+            judge = shapes_judge.load()
+        out |= evaluate(model, rep.images, key, judge)
     if jax.process_index() == 0:
         (run_dir / "report.json").write_text(json.dumps(out, indent=2) + "\n")
     return out

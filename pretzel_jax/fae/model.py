@@ -284,9 +284,12 @@ class FAE(nnx.Module):
         target = _resize(images, cfg.output_size_)
         l1 = jnp.mean(jnp.abs(recon - target))
         l2 = jnp.mean(jnp.square(recon - target))
-        perceptual = jnp.mean(jnp.square(self.features(recon) - feats))
-        loss = loss + cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.perceptual_weight * perceptual
-        metrics |= {"pixel_l1": l1, "pixel_l2": l2, "perceptual": perceptual}
+        loss = loss + cfg.l1_weight * l1 + cfg.l2_weight * l2
+        metrics |= {"pixel_l1": l1, "pixel_l2": l2}
+        if cfg.perceptual_weight:  # a second encoder pass (and its backward): skip when off
+            perceptual = jnp.mean(jnp.square(self.features(recon) - feats))
+            loss = loss + cfg.perceptual_weight * perceptual
+            metrics["perceptual"] = perceptual
         if self.discriminator is not None:
             # One loss for both players: the decoder sees the discriminator's output through
             # stop-gradiented weights, the discriminator sees stop-gradiented fakes.

@@ -1,0 +1,184 @@
+"""FAE: encode/decode shapes, KL formula, latent normalisation, the paper-scale config by
+eval_shape, and clear errors for bad encoder / FAE weight files."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pretzel_jax import models
+from pretzel_jax.eval.fae_report import latent_stats, set_latent_stats
+from pretzel_jax.fae import weights
+from pretzel_jax.fae.model import FROZEN, kl_divergence
+from pretzel_jax.train.config import load_config
+from pretzel_jax.train.errors import ConfigError
+
+TOY = "experiments/shapes_fae.py:test"
+
+
+def _config(*overrides):
+    return load_config(TOY, overrides=list(overrides), device_count=1, process_count=1)
+
+
+def _abstract(config):
+    return nnx.eval_shape(lambda: models.build(config, rngs=nnx.Rngs(0)))
+
+
+def _build(config, seed=0):
+    return nnx.jit(lambda: models.build(config, rngs=nnx.Rngs(seed)))()
+
+
+@pytest.fixture(scope="module")
+def fae():
+    return _build(_config())
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+
+
+def test_encode_decode_shapes_and_input_types(fae, images):
+    cfg = fae.cfg
+    assert (cfg.feature_grid, cfg.feature_dim) == (8, 4 * 16)  # 16x16x16 patches grouped 2x2
+    z = nnx.jit(lambda m, x: m.encode(x))(fae, images)
+    assert z.shape == (8, 8, 8, cfg.latent_channels) and z.dtype == jnp.float32
+    as_float = images.astype(np.float32) / 255.0
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m.encode(x))(fae, as_float), z, atol=1e-5)
+    out = nnx.jit(lambda m, z: m.decode(z))(fae, z)
+    assert out.shape == (8, 32, 32, 3) and out.dtype == jnp.float32
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_kl_matches_hand_computation():
+    mean = jnp.array([[0.5, -1.0], [0.0, 2.0]])
+    logvar = jnp.array([[0.0, np.log(4.0)], [np.log(0.25), 1.0]])
+    # KL(N(m, v) || N(0, 1)) = 0.5 (m^2 + v - 1 - log v), per element, then averaged.
+    hand = [
+        0.5 * (0.25 + 1 - 1 - 0),
+        0.5 * (1 + 4 - 1 - np.log(4.0)),
+        0.5 * (0 + 0.25 - 1 - np.log(0.25)),
+        0.5 * (4 + np.e - 1 - 1),
+    ]
+    np.testing.assert_allclose(kl_divergence(mean, logvar), np.mean(hand), rtol=1e-6)
+    assert float(kl_divergence(jnp.zeros(3), jnp.zeros(3))) == 0.0
+
+
+def test_normalisation_stats_give_unit_variance_on_their_data(fae, images):
+    batches = [{"image": images[:4]}, {"image": images[4:]}]
+    mean, std = latent_stats(fae, batches)
+    before = (fae.latent_norm["mean"][...], fae.latent_norm["std"][...])
+    set_latent_stats(fae, mean, std)
+    try:
+        z = np.asarray(nnx.jit(lambda m, x: m.encode(x))(fae, images)).reshape(
+            -1, fae.cfg.latent_channels
+        )
+    finally:
+        set_latent_stats(fae, *before)
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(z.var(0), 1.0, rtol=1e-3)
+
+
+def test_weights_round_trip_and_pixel_adapt_init(fae, tmp_path):
+    path = weights.save(fae, tmp_path / "fae.safetensors")
+    config = _config(
+        "model.fae.phase=pixel_adapt",
+        f"model.fae.init_from={path}",
+        "optim.freeze=" + repr(list(FROZEN["pixel_adapt"])),
+    )
+    adapted = _build(config, seed=1)  # another seed: every weight from the file
+    ours, theirs = weights.flat_params(fae), weights.flat_params(adapted)
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+
+
+def test_phase_frozen_parts_must_be_frozen():
+    with pytest.raises(ConfigError, match=r"optim.freeze holds"):
+        models.build(_config("optim.freeze=()"), rngs=nnx.Rngs(0))
+
+
+def test_bad_fae_weights_file_names_the_file(fae, tmp_path):
+    adapt = [
+        "model.fae.phase=pixel_adapt",
+        "optim.freeze=" + repr(list(FROZEN["pixel_adapt"])),
+    ]
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    with pytest.raises(ConfigError, match=str(corrupt)) as e:
+        _abstract(_config(*adapt, f"model.fae.init_from={corrupt}"))
+    assert "corrupt" in str(e.value)
+    wrong = weights.save(fae, tmp_path / "fae.safetensors")
+    with pytest.raises(ConfigError, match=r"do not fit this model.*latent_encoder/out/kernel"):
+        _abstract(_config(*adapt, f"model.fae.init_from={wrong}", "model.fae.latent_channels=4"))
+
+
+def _tiny_dinov2_folder(path, **config_edits):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Dinov2Config(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        patch_size=4,
+        image_size=32,
+    )
+    transformers.Dinov2Model(cfg).save_pretrained(path)
+    if config_edits:
+        data = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps(data | config_edits))
+    return path
+
+
+def test_encoder_checkpoint_errors_name_the_file(tmp_path):
+    dino = [
+        "model.fae.encoder.kind=dinov2",
+        "model.fae.encoder.if_missing=error",
+        "model.fae.feature_group=1",
+    ]
+    good = _tiny_dinov2_folder(tmp_path / "good")
+    model = _abstract(_config(*dino, f"model.fae.encoder.path={good}"))
+    assert (model.cfg.feature_grid, model.cfg.feature_dim) == (8, 16)
+
+    corrupt = _tiny_dinov2_folder(tmp_path / "corrupt")
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match=r"model.safetensors"):
+        _abstract(_config(*dino, f"model.fae.encoder.path={corrupt}"))
+
+    mismatched = _tiny_dinov2_folder(tmp_path / "mismatched", hidden_size=32)
+    with pytest.raises(ConfigError, match=str(mismatched)):
+        _abstract(_config(*dino, f"model.fae.encoder.path={mismatched}"))
+
+    with pytest.raises(ConfigError, match=r"no dinov2 encoder there.*if_missing=random"):
+        models.build(
+            _config(*dino, f"model.fae.encoder.path={tmp_path / 'nowhere'}"), rngs=nnx.Rngs(0)
+        )
+
+
+def test_paper_scale_config_by_eval_shape():
+    config = load_config(
+        "experiments/fae_dinov2g.py",
+        overrides=["model.fae.encoder.if_missing=random"],
+        device_count=1,
+        process_count=1,
+    )
+    model = nnx.eval_shape(lambda: models.build(config, rngs=nnx.Rngs(0)))
+    cfg = model.cfg
+    assert (cfg.feature_grid, cfg.feature_dim, cfg.latent_channels) == (16, 1536, 32)
+    graphdef, state = nnx.split(model)
+    image = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.uint8)
+    z = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).encode(x), state, image)
+    assert z.shape == (2, 16, 16, 32)
+    out = jax.eval_shape(lambda s, z: nnx.merge(graphdef, s).decode(z), state, z)
+    assert out.shape == (2, 256, 256, 3)
+    counts = {
+        k: sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(getattr(model, k))))
+        for k in ("encoder", "latent_encoder", "feature_decoder", "pixel_decoder")
+    }
+    assert 1.1e9 < counts["encoder"] < 1.2e9  # DINOv2-g/14: 1.14B
+    assert counts["latent_encoder"] < 0.03e9  # "one layer is enough"
