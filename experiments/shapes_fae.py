@@ -87,6 +87,7 @@ def get_config(arg: str | None = None):
         f.report.images = 16
         f.report.stats_batches = 2
         f.report.judge = False
+        f.perceptual_weight = 0.0  # its second encoder pass doubles compile time; unit-tested
         f.encoder.random = dict(
             TOY_QWEN_VISION,
             depth=1,

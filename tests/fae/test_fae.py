@@ -4,6 +4,7 @@ eval_shape, and clear errors for bad encoder / FAE weight files."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,13 @@ from pretzel_jax.train.errors import ConfigError
 TOY = "experiments/shapes_fae.py:test"
 
 
+# Every loss term on (the `:test` size leaves the perceptual loss and the GAN off).
+ALL_LOSSES = ("model.fae.perceptual_weight=0.1", "model.fae.gan_weight=0.1")
+
+
 def _config(*overrides):
-    return load_config(TOY, overrides=list(overrides), device_count=1, process_count=1)
+    overrides = [*ALL_LOSSES, *overrides]
+    return load_config(TOY, overrides=overrides, device_count=1, process_count=1)
 
 
 def _abstract(config):
@@ -53,6 +59,18 @@ def test_encode_decode_shapes_and_input_types(fae, images):
     out = nnx.jit(lambda m, z: m.decode(z))(fae, z)
     assert out.shape == (8, 32, 32, 3) and out.dtype == jnp.float32
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_loss_terms_and_gradients_are_finite(fae, images):
+    def loss(model):
+        return model.loss({"image": images}, jax.random.key(0))
+
+    (value, metrics), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(fae)
+    assert {"feature_l2", "kl", "pixel_l1", "pixel_l2", "perceptual", "gan_g", "gan_d"} <= set(
+        metrics
+    )
+    assert np.isfinite(float(value))
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
 def test_kl_matches_hand_computation():
@@ -118,7 +136,7 @@ def test_bad_fae_weights_file_names_the_file(fae, tmp_path):
         _abstract(_config(*adapt, f"model.fae.init_from={wrong}", "model.fae.latent_channels=4"))
 
 
-def _tiny_dinov2_folder(path, **config_edits):
+def _tiny_dinov2_folder(path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.Dinov2Config(
         hidden_size=16,
@@ -129,10 +147,14 @@ def _tiny_dinov2_folder(path, **config_edits):
         image_size=32,
     )
     transformers.Dinov2Model(cfg).save_pretrained(path)
-    if config_edits:
-        data = json.loads((path / "config.json").read_text())
-        (path / "config.json").write_text(json.dumps(data | config_edits))
     return path
+
+
+def _copy(src, dst, **config_edits):
+    shutil.copytree(src, dst)
+    data = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(data | config_edits))
+    return dst
 
 
 def test_encoder_checkpoint_errors_name_the_file(tmp_path):
@@ -145,12 +167,12 @@ def test_encoder_checkpoint_errors_name_the_file(tmp_path):
     model = _abstract(_config(*dino, f"model.fae.encoder.path={good}"))
     assert (model.cfg.feature_grid, model.cfg.feature_dim) == (8, 16)
 
-    corrupt = _tiny_dinov2_folder(tmp_path / "corrupt")
+    corrupt = _copy(good, tmp_path / "corrupt")
     (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ConfigError, match=r"model.safetensors"):
         _abstract(_config(*dino, f"model.fae.encoder.path={corrupt}"))
 
-    mismatched = _tiny_dinov2_folder(tmp_path / "mismatched", hidden_size=32)
+    mismatched = _copy(good, tmp_path / "mismatched", hidden_size=32)
     with pytest.raises(ConfigError, match=str(mismatched)):
         _abstract(_config(*dino, f"model.fae.encoder.path={mismatched}"))
 
