@@ -29,12 +29,22 @@ log = logging.getLogger(__name__)
 REPORT_SEED = 20_261_123  # the held-out renders' own seed
 
 
+@nnx.jit
+def _posterior_mean(model: FAE, images: jax.Array) -> jax.Array:
+    return model.latent_encoder(model.features(as_float(images)))[0]
+
+
+@nnx.jit
+def _reconstruct(model: FAE, images: jax.Array, sigma: jax.Array, key: jax.Array):
+    latents = model.encode(images)
+    return model.decode(latents + sigma * jax.random.normal(key, latents.shape)), latents
+
+
 def latent_stats(model: FAE, batches) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of the (unnormalised) posterior means over `batches`."""
-    encode = nnx.jit(lambda m, x: m.latent_encoder(m.features(as_float(x)))[0])
     total, total_sq, count = 0.0, 0.0, 0
     for batch in batches:
-        mean = np.asarray(encode(model, batch["image"]), np.float64)
+        mean = np.asarray(_posterior_mean(model, batch["image"]), np.float64)
         mean = mean.reshape(-1, mean.shape[-1])
         total, total_sq = total + mean.sum(0), total_sq + np.square(mean).sum(0)
         count += len(mean)
@@ -56,14 +66,10 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def reconstruct(model: FAE, images: np.ndarray, sigma: float, key, chunk: int = 64):
     """encode -> (+ sigma * noise) -> decode, in chunks; -> (images float [0, 1], latents)."""
-    step = nnx.jit(
-        lambda m, x, k: (lambda z: (m.decode(z + sigma * jax.random.normal(k, z.shape)), z))(
-            m.encode(x)
-        )
-    )
     outs, lats = [], []
     for i in range(0, len(images), chunk):
-        out, lat = step(model, images[i : i + chunk], jax.random.fold_in(key, i))
+        sub = jax.random.fold_in(key, i)
+        out, lat = _reconstruct(model, images[i : i + chunk], jnp.float32(sigma), sub)
         outs.append(np.asarray(out))
         lats.append(np.asarray(lat))
     return np.concatenate(outs), np.concatenate(lats)
