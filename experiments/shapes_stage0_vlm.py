@@ -23,30 +23,31 @@ def get_config(arg: str | None = None):
     c.data = stage_config(
         0,
         data_dir="data_cache",
-        batch_size=16,
-        eval_batch_size=16,
-        seq_len=256,  # up to 3 image documents (66 tokens per image slot) per row
+        batch_size=8,
+        eval_batch_size=8,
+        seq_len=128,  # one image document (66 tokens per image slot) + text documents per row
+        max_images=1,
     )
     c.model.kind = "vlm"  # sizes: pretzel_jax.models._default_vlm_config
 
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 100
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 50
     c.optim.min_lr = 1e-5
     c.optim.weight_decay = 0.01
     c.optim.grad_clip = 1.0
 
-    c.train.steps = 2000
-    c.train.log_every = 100
+    c.train.steps = 1200
+    c.train.log_every = 50
     c.train.eval_every = 0
-    c.train.ckpt_every = 500
+    c.train.ckpt_every = 200
 
     if arg == "test":
         c.data.datasets.caption = "shapes/captions_tiny"
         c.data.datasets.vqa = "shapes/vqa_tiny"
-        c.data.batch_size = 2
-        c.data.eval_batch_size = 2
-        c.data.seq_len = 160
-        c.data.pack_window = 4
+        c.data.batch_size = 8  # tests run on 8 fake devices
+        c.data.eval_batch_size = 8
+        c.data.seq_len = 96
+        c.data.pack_window = 8
         c.model.vlm.text.num_layers = 1
         c.model.vlm.text.hidden_size = 32
         c.model.vlm.text.intermediate_size = 64
@@ -63,8 +64,6 @@ def get_config(arg: str | None = None):
         c.model.report.batch_size = 4
         c.train.steps = 4
         c.train.log_every = 2
-        c.train.eval_every = 2
-        c.train.eval_batches = 1
         c.train.ckpt_every = 2
         c.optim.warmup_steps = 2
     elif arg is not None:

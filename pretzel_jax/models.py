@@ -65,7 +65,7 @@ def _default_vlm_config() -> dict:
     text = _defaults(TextConfig) | dict(
         vocab_size=0,  # 0 = the shapes word tokenizer's size
         hidden_size=128,
-        intermediate_size=384,
+        intermediate_size=256,
         num_layers=4,
         num_heads=4,
         num_kv_heads=2,
@@ -73,15 +73,15 @@ def _default_vlm_config() -> dict:
         tie_word_embeddings=True,
     )
     vision = _defaults(VisionConfig) | dict(
-        depth=4,
+        depth=2,
         hidden_size=64,
-        intermediate_size=192,
+        intermediate_size=128,
         num_heads=4,
         patch_size=2,
         temporal_patch_size=2,
         spatial_merge_size=2,
         window_size=8,  # 2x2 merge blocks per window
-        fullatt_block_indexes=(1, 3),
+        fullatt_block_indexes=(1,),
         out_hidden_size=0,  # 0 = text hidden_size
     )
     return dict(
