@@ -46,6 +46,8 @@ def default_model_config() -> ml_collections.ConfigDict:
                 "vqa_records": 200,
                 "caption_records": 200,
                 "batch_size": 64,
+                "max_answer_tokens": 8,
+                "max_caption_tokens": 32,
                 "export_hf": True,
             },
         }

@@ -115,14 +115,16 @@ class _Asker:
         return out
 
 
-def vqa_scores(ask: _Asker, docs: list[schema.Document]) -> tuple[dict[str, float], list]:
+def vqa_scores(
+    ask: _Asker, docs: list[schema.Document], max_tokens: int
+) -> tuple[dict[str, float], list]:
     pairs, truth = [], []
     for doc in docs:
         image = _image(doc)
         for qa in json.loads(doc.scene)["qa"]:
             pairs.append((image, qa["question"]))
             truth.append((qa["type"], normalize(qa["answer"])))
-    answers = ask(pairs, max_new_tokens=8)
+    answers = ask(pairs, max_new_tokens=max_tokens)
     right = {t: [] for t in QUESTION_TYPES}
     for (qtype, want), got in zip(truth, answers):
         right[qtype].append(normalize(got) == want)
@@ -137,9 +139,9 @@ def vqa_scores(ask: _Asker, docs: list[schema.Document]) -> tuple[dict[str, floa
 
 
 def caption_scores(
-    ask: _Asker, docs: list[schema.Document], prompt: str
+    ask: _Asker, docs: list[schema.Document], prompt: str, max_tokens: int
 ) -> tuple[dict[str, float], list]:
-    answers = ask([(_image(doc), prompt) for doc in docs], max_new_tokens=32)
+    answers = ask([(_image(doc), prompt) for doc in docs], max_new_tokens=max_tokens)
     hits, examples = [], []
     for doc, got in zip(docs, answers):
         scene = json.loads(doc.scene)
@@ -193,9 +195,12 @@ def report(
     out, examples = {}, {}
     for prefix, split in SPLITS.items():
         split = split if prefix else rc.split
-        vqa, vqa_examples = vqa_scores(ask, _records(data_cfg, "vqa", split, rc.vqa_records))
+        vqa_docs = _records(data_cfg, "vqa", split, rc.vqa_records)
+        vqa, vqa_examples = vqa_scores(ask, vqa_docs, rc.max_answer_tokens)
         captions = _records(data_cfg, "caption", split, rc.caption_records)
-        cap, cap_examples = caption_scores(ask, captions, data_cfg.caption_prompt)
+        cap, cap_examples = caption_scores(
+            ask, captions, data_cfg.caption_prompt, rc.max_caption_tokens
+        )
         out.update({prefix + k: v for k, v in (vqa | cap).items()})
         examples[split] = {"vqa": vqa_examples, "captions": cap_examples}
     if jax.process_index() == 0:
