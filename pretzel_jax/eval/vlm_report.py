@@ -129,7 +129,8 @@ def vqa_scores(
     for (qtype, want), got in zip(truth, answers):
         right[qtype].append(normalize(got) == want)
     out = {f"vqa_accuracy_{t}": float(np.mean(r)) if r else float("nan") for t, r in right.items()}
-    out["vqa_accuracy"] = float(np.mean([x for r in right.values() for x in r]))
+    everything = [x for r in right.values() for x in r]
+    out["vqa_accuracy"] = float(np.mean(everything)) if everything else float("nan")
     out["vqa_questions"] = float(len(pairs))
     examples = [
         {"question": q, "answer": a, "truth": t[1]}
@@ -149,9 +150,8 @@ def caption_scores(
         hits.append(normalize(got) in true)
         if len(examples) < 8:
             examples.append({"caption": got, "true": sorted(true)[:3]})
-    return {"caption_exact_match": float(np.mean(hits)), "caption_records": float(len(docs))}, (
-        examples
-    )
+    match = float(np.mean(hits)) if hits else float("nan")
+    return {"caption_exact_match": match, "caption_records": float(len(docs))}, examples
 
 
 def export_hf(model: Qwen25VL, folder: Path, tokenizer_dir: Path, opts: dict) -> None:
