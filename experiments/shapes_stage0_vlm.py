@@ -1,6 +1,8 @@
-"""Stage 0 at toy scale: the Qwen2.5-VL architecture (4 layers, 128 wide, GQA 4/2, M-RoPE; a 4-block
+"""Stage 0 at toy scale: the Qwen2.5-VL architecture (4 layers, 128 wide, GQA 4/2, M-RoPE; a 2-block
 vision tower, 2 px patches, 2x2 merge: a 32 px image is 8x8 = 64 tokens) trained from scratch with
-next-token loss on shapes captioning, VQA and text-only captions, packed 256 tokens per row.
+next-token loss on shapes captioning, VQA and text-only captions, packed 128 tokens per row.
+The 1200-step default reaches 42% held-out VQA accuracy (2026-11-23, a loaded 2-core CPU, 27 min);
+the 85% target needs a longer run (e.g. --config.train.steps=8000).
 
     python -m pretzel_jax.data.prepare --name shapes_vqa --data_dir data_cache
     python -m pretzel_jax.data.prepare --name shapes_captions --data_dir data_cache
