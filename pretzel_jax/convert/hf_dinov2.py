@@ -26,7 +26,6 @@ Name table (hub layout, as `save_pretrained` writes it; i = layer; torch Linear 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pretzel_jax.convert.safetensors_io import ConversionError, SafetensorsFolder
+from pretzel_jax.convert.safetensors_io import ConversionError, SafetensorsFolder, read_hf_config
 from pretzel_jax.fae.encoders import DinoV2, DinoV2Config
 
 
@@ -127,16 +126,7 @@ def name_table(cfg: DinoV2Config) -> list[Entry]:
 def read_config(path: str | Path, dtype=jnp.float32) -> DinoV2Config:
     """config.json of an HF DINOv2 folder -> DinoV2Config with parameters (and compute) in
     `dtype`."""
-    file = Path(path) / "config.json"
-    try:
-        hf = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ConversionError(
-            f"{file} does not exist: point to a Hugging Face DINOv2 folder (config.json + "
-            "model.safetensors)"
-        ) from None
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{file} is not valid JSON: {e}") from None
+    hf, file = read_hf_config(path, "a Hugging Face DINOv2 folder")
     name = jnp.dtype(dtype).name
     try:
         return DinoV2Config.from_hf(hf, param_dtype=name, compute_dtype=name)

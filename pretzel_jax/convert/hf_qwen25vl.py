@@ -55,6 +55,7 @@ from pretzel_jax.convert.safetensors_io import (
     SINGLE_FILE,
     ConversionError,
     SafetensorsFolder,
+    read_hf_config,
     write_sharded,
 )
 from pretzel_jax.nn.sharding import DEFAULT_RULES, Rules, named_shardings
@@ -194,16 +195,7 @@ def hub_name(key: str) -> str:
 
 def read_config(path: str | Path, dtype=jnp.float32) -> VLMConfig:
     """config.json of an HF folder -> VLMConfig with parameters (and compute) in `dtype`."""
-    file = Path(path) / "config.json"
-    try:
-        hf = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ConversionError(
-            f"{file} does not exist: point to a Hugging Face model folder (config.json + "
-            "model.safetensors)"
-        ) from None
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{file} is not valid JSON: {e}") from None
+    hf, file = read_hf_config(path, "a Hugging Face model folder")
     name = jnp.dtype(dtype).name
     try:
         return VLMConfig.from_hf(hf, param_dtype=name, compute_dtype=name)

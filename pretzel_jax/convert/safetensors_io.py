@@ -24,6 +24,20 @@ class ConversionError(ValueError):
     """A checkpoint or config that cannot be ported; the message names what and why."""
 
 
+def read_hf_config(folder: str | Path, what: str) -> tuple[dict, Path]:
+    """(config.json of a Hugging Face folder as a dict, its path); `what` names the expected
+    model in the error ("a Hugging Face DINOv2 folder")."""
+    file = Path(folder) / "config.json"
+    try:
+        return json.loads(file.read_text()), file
+    except FileNotFoundError:
+        raise ConversionError(
+            f"{file} does not exist: point to {what} (config.json + model.safetensors)"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{file} is not valid JSON: {e}") from None
+
+
 def refuse_pickle(path: Path) -> None:
     if path.suffix in PICKLE_SUFFIXES:
         raise ConversionError(
