@@ -8,7 +8,7 @@ The encoder is the Qwen2.5-VL vision tower (before its merger) of the stage-0 VL
 export, `runs/shapes_stage0_vlm/hf` (experiments/shapes_stage0_vlm.py writes it). While that
 folder is absent the run logs a warning and uses a RANDOMLY INITIALISED, FROZEN tower of the same
 shape (`model.fae.encoder.if_missing = "random"`); set `if_missing=error` to forbid that.
-Patch-2 features (16x16x64) are grouped 2x2 into an 8x8 grid of 256-d tokens -> 8x8xC latents.
+Its 4 px patch features (8x8x128) become 8x8xC latents.
 
 Phase "feature" ends by computing the latent normalisation statistics on training images and
 writing `runs/shapes_fae/fae.safetensors`; phase "pixel_adapt" starts from that file. Each run's
@@ -18,7 +18,7 @@ originals and reconstructions, and the per-channel variance of the normalised la
 """
 
 from pretzel_jax.fae.model import FROZEN
-from pretzel_jax.models_fae import TOY_QWEN_VISION
+from pretzel_jax.models_fae import toy_qwen_vision
 from pretzel_jax.train.config import default_config
 
 STAGE0_VLM = "runs/shapes_stage0_vlm/hf"
@@ -35,7 +35,7 @@ def get_config(arg: str | None = None):
     c = default_config()
     c.data.name = "shapes_images"
     c.data.data_dir = "data_cache"
-    c.data.batch_size = 64
+    c.data.batch_size = 32
     c.data.eval_batch_size = 256
     c.data.eval_split = "validation"
 
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
     f = c.model.fae
     f.phase = "pixel_adapt" if adapt else "feature"
     f.image_size = 32
-    f.feature_group = 2  # 16x16 patch features -> 8x8 latent grid
+    f.feature_group = 1  # 8x8 patch features -> 8x8 latent grid
     f.latent_channels = 8
     f.encoder_heads = 4
     f.decoder_depth = 3
@@ -58,7 +58,7 @@ def get_config(arg: str | None = None):
     f.encoder.kind = "qwen_vision"
     f.encoder.path = STAGE0_VLM
     f.encoder.if_missing = "random"
-    f.encoder.random = dict(TOY_QWEN_VISION)
+    f.encoder.random = toy_qwen_vision()
     f.init_from = f"{FEATURE_RUN}/fae.safetensors" if adapt else ""
     f.report.images = 512
     f.report.stats_batches = 16
@@ -70,9 +70,9 @@ def get_config(arg: str | None = None):
     c.optim.weight_decay = 0.01
     c.optim.grad_clip = 1.0
 
-    c.train.steps = 3000 if not adapt else 1000
+    c.train.steps = 1500 if not adapt else 800
     c.train.log_every = 100
-    c.train.eval_every = 1000
+    c.train.eval_every = 500
     c.train.eval_batches = 2
     c.train.ckpt_every = 500
 
@@ -88,8 +88,9 @@ def get_config(arg: str | None = None):
         f.report.stats_batches = 2
         f.report.judge = False
         f.perceptual_weight = 0.0  # its second encoder pass doubles compile time; unit-tested
+        f.encoder.path = ""  # always the random toy tower, whatever runs/ holds
         f.encoder.random = dict(
-            TOY_QWEN_VISION,
+            toy_qwen_vision(),
             depth=1,
             hidden_size=16,
             intermediate_size=32,

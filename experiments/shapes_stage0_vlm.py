@@ -1,8 +1,10 @@
-"""Stage 0 at toy scale: the Qwen2.5-VL architecture (4 layers, 128 wide, GQA 4/2, M-RoPE; a 2-block
-vision tower, 2 px patches, 2x2 merge: a 32 px image is 8x8 = 64 tokens) trained from scratch with
-next-token loss on shapes captioning, VQA and text-only captions, packed 128 tokens per row.
-The 1200-step default reaches 42% held-out VQA accuracy (2026-11-23, a loaded 2-core CPU, 27 min);
-the 85% target needs a longer run (e.g. --config.train.steps=8000).
+"""Stage 0 at toy scale: the Qwen2.5-VL architecture (4 layers, 128 wide, GQA 4/2, M-RoPE with
+theta 1e4; a 4-block vision tower, 4 px patches, no merge: a 32 px image is 8x8 = 64 tokens)
+trained from scratch with next-token loss on shapes captioning, VQA and text-only captions, packed
+128 tokens per row. The 5000-step default took 20 min on the 2-core CPU (0.17 s/step alone; part of
+the run shared the cores) and reached 61% VQA accuracy on the test split, 58% on the held-out
+compositional split, 21% caption exact match (2026-11-23, report.json); the 85% target needs a
+longer run.
 
     python -m pretzel_jax.data.prepare --name shapes_vqa --data_dir data_cache
     python -m pretzel_jax.data.prepare --name shapes_captions --data_dir data_cache
@@ -29,19 +31,20 @@ def get_config(arg: str | None = None):
         eval_batch_size=8,
         seq_len=128,  # one image document (66 tokens per image slot) + text documents per row
         max_images=1,
+        spatial_merge_size=1,  # the tower's (4 px patches, no merge)
     )
-    c.model.kind = "vlm"  # sizes: pretzel_jax.models._default_vlm_config
+    c.model.kind = "vlm"  # sizes: pretzel_jax.models.default_vlm_config
 
-    c.optim.lr = 2e-3
-    c.optim.warmup_steps = 50
+    c.optim.lr = 6e-4  # 2e-3 and 1e-3 plateau higher (loss at 600 steps: 0.86, 0.80 vs 0.78)
+    c.optim.warmup_steps = 100
     c.optim.min_lr = 1e-5
     c.optim.weight_decay = 0.01
     c.optim.grad_clip = 1.0
 
-    c.train.steps = 1200
+    c.train.steps = 5000
     c.train.log_every = 50
     c.train.eval_every = 0
-    c.train.ckpt_every = 200
+    c.train.ckpt_every = 500
 
     if arg == "test":
         c.data.datasets.caption = "shapes/captions_tiny"

@@ -33,7 +33,7 @@ def default_model_config() -> ml_collections.ConfigDict:
             "kind": "image_flow",
             "image_flow": image,
             "flow": flow,
-            "vlm": _default_vlm_config(),
+            "vlm": default_vlm_config(),
             "fae": _default_fae_config(),  # kind "fae": pretzel_jax.models_fae
             # End-of-run report (ImageFlow): CFG sample grid and held-out bits/dim.
             # (vlm): greedy VQA and captions on `vqa_records`/`caption_records` records of the
@@ -60,7 +60,7 @@ def _default_fae_config() -> ml_collections.ConfigDict:
     return models_fae.default_config()
 
 
-def _default_vlm_config() -> dict:
+def default_vlm_config() -> dict:
     """The toy Qwen2.5-VL of stage 0 (shapes word tokenizer ids; 32 px images -> 8x8 tokens)."""
     from pretzel_jax.data import tokenizer as tok
 
@@ -72,18 +72,21 @@ def _default_vlm_config() -> dict:
         num_heads=4,
         num_kv_heads=2,
         mrope_section=(4, 6, 6),  # head_dim 32 / 2, Qwen's 2:3:3 split
+        rope_theta=10_000.0,  # rows of <= 128 tokens: Qwen's 1e6 leaves the h/w sections ~flat
         tie_word_embeddings=True,
     )
     vision = _defaults(VisionConfig) | dict(
-        depth=2,
-        hidden_size=64,
-        intermediate_size=128,
+        depth=4,
+        hidden_size=128,
+        intermediate_size=256,
         num_heads=4,
-        patch_size=2,
+        # 4 px patches, no merge: a 32 px image is 8x8 patches = 8x8 tokens. (2 px patches with
+        # a 2x2 merge give the same tokens at 4x the tower's cost and learned no faster.)
+        patch_size=4,
         temporal_patch_size=2,
-        spatial_merge_size=2,
-        window_size=8,  # 2x2 merge blocks per window
-        fullatt_block_indexes=(1,),
+        spatial_merge_size=1,
+        window_size=16,  # 4x4-patch windows
+        fullatt_block_indexes=(1, 3),
         out_hidden_size=0,  # 0 = text hidden_size
     )
     return dict(
@@ -154,12 +157,29 @@ def build(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
     if kind == "image_flow":
         return ImageFlow(image_flow_config(config.model), rngs=rngs)
     if kind == "vlm":
-        return PackedLM(vlm_config(config.model), rngs=rngs)
+        cfg = vlm_config(config.model)
+        _check_vlm_data(cfg.vision, config.data)
+        return PackedLM(cfg, rngs=rngs)
     if kind == "fae":
         from pretzel_jax import models_fae
 
         return models_fae.build(config, rngs=rngs)
     raise ValueError(f"config.model.kind={kind!r} is unknown; use one of {KINDS}")
+
+
+def _check_vlm_data(vision: VisionConfig, data: ml_collections.ConfigDict) -> None:
+    """The layout's tokens per image must be what the vision tower makes of the images."""
+    if "latent_grid" not in data:
+        return
+    m = vision.spatial_merge_size
+    want = tuple(g * vision.patch_size * m for g in data.latent_grid)
+    if data.spatial_merge_size != m or tuple(data.image_size) != want:
+        raise ValueError(
+            f"config.data (image_size {tuple(data.image_size)}, latent_grid "
+            f"{tuple(data.latent_grid)}, spatial_merge_size {data.spatial_merge_size}) does not "
+            f"match model.vlm.vision (patch_size {vision.patch_size}, spatial_merge_size {m}): "
+            f"set data.spatial_merge_size={m} and data.image_size={want}"
+        )
 
 
 def report_fn(config: ml_collections.ConfigDict) -> Callable | None:

@@ -20,29 +20,24 @@ from pretzel_jax.fae.encoders import DinoV2, DinoV2Config, QwenVisionEncoder
 from pretzel_jax.fae.model import FAE, FROZEN, FAEConfig
 from pretzel_jax.train.errors import ConfigError
 from pretzel_jax.vlm import VisionConfig
+from pretzel_jax.vlm.image_processing import CLIP_MEAN, CLIP_STD
 from pretzel_jax.vlm.vision import VisionTower
 
 log = logging.getLogger(__name__)
 
 ENCODERS = ("qwen_vision", "dinov2")
 IF_MISSING = ("error", "random")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2.5-VL's processor normalisation
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # DINOv2's
-# experiments/shapes_fae.py's random fallback, shaped like the stage-0 VLM's tower: patch 2 at
-# 32 px -> 16x16x64 features, grouped 2x2 by the FAE (feature_group) into 8x8 tokens of 256.
-TOY_QWEN_VISION = dict(
-    depth=4,
-    hidden_size=64,
-    intermediate_size=192,
-    num_heads=4,
-    patch_size=2,
-    temporal_patch_size=2,
-    spatial_merge_size=2,
-    window_size=8,
-    fullatt_block_indexes=(1, 3),
-    out_hidden_size=128,
-)
+
+
+def toy_qwen_vision() -> dict:
+    """experiments/shapes_fae.py's random fallback: the stage-0 VLM's tower config (32 px ->
+    8x8x128 patch features before the merger)."""
+    from pretzel_jax.models import default_vlm_config
+
+    vision = dict(default_vlm_config()["vision"])
+    vision["out_hidden_size"] = vision["out_hidden_size"] or vision["hidden_size"]
+    return vision
 
 
 def default_config() -> ml_collections.ConfigDict:

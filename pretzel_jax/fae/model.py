@@ -64,6 +64,10 @@ class FAEConfig:
     phase: str = "feature"
     sigma_a: float = 0.3  # the flow's noise std on normalised latents (phase "pixel_adapt")
     feature_noise: float = 0.1  # std of phase-"feature" pixel-decoder input noise, x feature RMS
+    # Standardise each encoder patch feature (a LayerNorm without parameters): a tower's raw
+    # hidden states (Qwen's, before its merger) can have RMS in the tens, which lets the
+    # feature loss drown the pixel losses under one global gradient clip.
+    feature_norm: bool = True
     kl_weight: float = 1e-4
     feature_weight: float = 1.0
     l1_weight: float = 1.0
@@ -227,6 +231,9 @@ class FAE(nnx.Module):
                 f"the encoder gave features {feats.shape} for {cfg.image_size}px images, but the "
                 f"FAE config expects {want}; fix model.fae image_size/feature_group"
             )
+        if cfg.feature_norm:
+            centred = feats - jnp.mean(feats, -1, keepdims=True, dtype=jnp.float32)
+            feats = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), -1, keepdims=True) + 1e-6)
         feats = feats.reshape(b, g, s, g, s, -1).transpose(0, 1, 3, 2, 4, 5)
         return feats.reshape(b, g * g, cfg.feature_dim).astype(jnp.float32)
 

@@ -51,7 +51,7 @@ def images():
 
 def test_encode_decode_shapes_and_input_types(fae, images):
     cfg = fae.cfg
-    assert (cfg.feature_grid, cfg.feature_dim) == (8, 4 * 16)  # 16x16x16 patches grouped 2x2
+    assert (cfg.feature_grid, cfg.feature_dim) == (8, 16)  # 4 px patches: 8x8x16 features
     z = nnx.jit(lambda m, x: m.encode(x))(fae, images)
     assert z.shape == (8, 8, 8, cfg.latent_channels) and z.dtype == jnp.float32
     as_float = images.astype(np.float32) / 255.0
@@ -204,3 +204,14 @@ def test_paper_scale_config_by_eval_shape():
     }
     assert 1.1e9 < counts["encoder"] < 1.2e9  # DINOv2-g/14: 1.14B
     assert counts["latent_encoder"] < 0.03e9  # "one layer is enough"
+
+
+def test_features_are_standardised_per_patch_unless_turned_off(fae, images):
+    features = nnx.jit(lambda m, x: m.features(x / 255.0))
+    normed = np.asarray(features(fae, images))
+    np.testing.assert_allclose(normed.mean(-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(normed.std(-1), 1.0, atol=1e-4)
+    raw = np.asarray(features(_build(_config("model.fae.feature_norm=False")), images))
+    assert not np.allclose(raw.std(-1), 1.0, atol=1e-2)
+    centred = raw - raw.mean(-1, keepdims=True)
+    np.testing.assert_allclose(normed, centred / centred.std(-1, keepdims=True), atol=1e-4)

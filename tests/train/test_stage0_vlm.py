@@ -126,7 +126,10 @@ def test_patchify_in_the_loss_equals_preprocess_images(config):
         temporal_patch_size=vision.temporal_patch_size,
         merge_size=vision.spatial_merge_size,
     )
-    assert grid.tolist() == [[1, 16, 16]] * 2  # 8x8 = 64 merged tokens: the layout's grid
+    side = 32 // vision.patch_size
+    assert grid.tolist() == [[1, side, side]] * 2
+    merged = side // vision.spatial_merge_size
+    assert (merged, merged) == tuple(config.data.latent_grid)  # the layout's tokens per image
     np.testing.assert_allclose(patchify(jnp.asarray(images), vision), want, atol=1e-6)
 
 
@@ -159,3 +162,12 @@ def test_image_features_land_on_their_own_rows_tokens():
     assert grid.tolist() == [[1, 16, 16]] * 2
     np.testing.assert_allclose(embeds[:, 3:67], feats.reshape(2, 64, -1), atol=1e-5)
     np.testing.assert_array_equal(embeds[:, :3], model.text.embed[...][tokens[:, :3]])
+
+
+def test_data_that_disagrees_with_the_vision_tower_is_refused(data_dir):
+    config = load_config(
+        EXPERIMENT + ":test",
+        overrides=[f"data.data_dir={data_dir}", "data.spatial_merge_size=2"],
+    )
+    with pytest.raises(ValueError, match=r"set data.spatial_merge_size=1 and data.image_size"):
+        models.build(config, rngs=nnx.Rngs(0))
