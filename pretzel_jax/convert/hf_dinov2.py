@@ -33,7 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pretzel_jax.convert.safetensors_io import ConversionError, SafetensorsFolder, read_hf_config
+from pretzel_jax.convert.safetensors_io import (
+    ConversionError,
+    SafetensorsFolder,
+    mismatch_error,
+    read_hf_config,
+)
 from pretzel_jax.fae.encoders import DinoV2, DinoV2Config
 
 
@@ -148,14 +153,12 @@ def _check(files: SafetensorsFolder, table: list[Entry]) -> None:
         f"unexpected tensor {n} {list(files.shape(n))}" for n in sorted(present - set(expected))
     ]
     if problems:
-        limit = 25
-        more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
-        raise ConversionError(
-            f"the weights in {files.path} do not match its config.json ({len(problems)} "
-            "problems):\n  " + "\n  ".join(problems[:limit]) + more + "\nCheck that config.json "
-            "(num_hidden_layers, hidden_size, mlp_ratio, use_swiglu_ffn, num_register_tokens, "
-            "image_size, model_type) belongs to these weights, or re-export the folder with "
-            "transformers' save_pretrained."
+        raise mismatch_error(
+            f"the weights in {files.path} do not match its config.json",
+            problems,
+            "Check that config.json (num_hidden_layers, hidden_size, mlp_ratio, use_swiglu_ffn, "
+            "num_register_tokens, image_size, model_type) belongs to these weights, or re-export "
+            "the folder with transformers' save_pretrained.",
         )
 
 

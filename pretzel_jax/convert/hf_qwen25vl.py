@@ -55,6 +55,7 @@ from pretzel_jax.convert.safetensors_io import (
     SINGLE_FILE,
     ConversionError,
     SafetensorsFolder,
+    mismatch_error,
     read_hf_config,
     write_sharded,
 )
@@ -295,13 +296,12 @@ def _match(files: SafetensorsFolder, table: list[Entry], state, cfg: VLMConfig) 
                 f"unexpected tensor {key} {list(files.shape(key))} ({files.file_of[key].name})"
             )
     if problems:
-        limit = 25
-        more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
-        raise ConversionError(
-            f"the weights in {files.path} do not match its config.json ({len(problems)} "
-            "problems):\n  " + "\n  ".join(problems[:limit]) + more + "\nCheck that config.json "
-            "(num_hidden_layers, hidden_size, vocab_size, tie_word_embeddings, vision_config) "
-            "belongs to these weights, or re-export the folder with save_pretrained."
+        raise mismatch_error(
+            f"the weights in {files.path} do not match its config.json",
+            problems,
+            "Check that config.json (num_hidden_layers, hidden_size, vocab_size, "
+            "tie_word_embeddings, vision_config) belongs to these weights, or re-export the folder "
+            "with save_pretrained.",
         )
     return keys
 

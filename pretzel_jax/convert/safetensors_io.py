@@ -38,6 +38,14 @@ def read_hf_config(folder: str | Path, what: str) -> tuple[dict, Path]:
         raise ConversionError(f"{file} is not valid JSON: {e}") from None
 
 
+def mismatch_error(what: str, problems: list[str], fix: str, limit: int = 25) -> ConversionError:
+    """One error for every problem found comparing weights with their config (the first `limit`
+    listed, one per line), then how to fix it."""
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    listed = "\n  ".join(problems[:limit])
+    return ConversionError(f"{what} ({len(problems)} problems):\n  {listed}{more}\n{fix}")
+
+
 def refuse_pickle(path: Path) -> None:
     if path.suffix in PICKLE_SUFFIXES:
         raise ConversionError(

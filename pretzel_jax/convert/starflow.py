@@ -40,6 +40,7 @@ from flax import nnx
 
 from pretzel_jax.convert.safetensors_io import (
     ConversionError,
+    mismatch_error,
     read_safetensors,
     write_safetensors,
 )
@@ -288,7 +289,11 @@ def import_state_dict(tensors: dict[str, np.ndarray], cfg: LatentFlowConfig) -> 
         if key not in expected and not _is_buffer(key)
     ]
     if problems:
-        raise ConversionError(_problem_report(problems))
+        raise mismatch_error(
+            "the state dict does not match the constructor",
+            problems,
+            "Check that --config is the constructor the checkpoint was trained with.",
+        )
 
     values: dict[tuple, np.ndarray] = {}
 
@@ -334,15 +339,6 @@ def _strip_wrapper_prefix(tensors: dict) -> dict:
         if tensors and all(k.startswith(prefix) for k in tensors):
             return {k[len(prefix) :]: v for k, v in tensors.items()}
     return tensors
-
-
-def _problem_report(problems: list[str], limit: int = 25) -> str:
-    head = "\n  ".join(problems[:limit])
-    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
-    return (
-        f"the state dict does not match the constructor ({len(problems)} problems):\n  {head}"
-        f"{more}\nCheck that --config is the constructor the checkpoint was trained with."
-    )
 
 
 def constructor_from_config(cfg: LatentFlowConfig) -> dict:
