@@ -80,8 +80,9 @@ def default_vlm_config() -> dict:
         hidden_size=128,
         intermediate_size=256,
         num_heads=4,
-        # 4 px patches, no merge: a 32 px image is 8x8 patches = 8x8 tokens. (2 px patches with
-        # a 2x2 merge give the same tokens at 4x the tower's cost and learned no faster.)
+        # 4 px patches, no merge: a 32 px image is 8x8 patches = 8x8 tokens. (The 2-block tower
+        # on 2 px patches with a 2x2 merge gives the same tokens at 0.23 vs 0.18 s/step with a
+        # similar loss per step: 0.80 vs 0.82 at 800 steps.)
         patch_size=4,
         temporal_patch_size=2,
         spatial_merge_size=1,
