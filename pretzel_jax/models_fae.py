@@ -60,6 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
             # DinoV2Config fields `random` (a dict; None = that config's defaults).
             if_missing="error",
             random=None,
+            # qwen_vision: how many of the tower's blocks to run (0 = all). A tower trained
+            # briefly (stage 0 on CPU) keeps more pixel detail in its early blocks.
+            layers=0,
         ),
         # Phase "pixel_adapt": the phase-"feature" run's fae.safetensors.
         init_from="",
@@ -120,14 +123,35 @@ def _encoder(enc_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
             "or set model.fae.encoder.if_missing=random for a random frozen toy encoder"
         )
     if kind == "dinov2":
+        if enc_cfg.layers:
+            raise ConfigError("model.fae.encoder.layers applies to qwen_vision only; set it to 0")
         encoder = DinoV2(cfg, rngs=rngs)
         if params is not None:
             nnx.update(encoder, params)
         return encoder, cfg.patch_size, cfg.hidden_size
+    cfg, params = _first_blocks(cfg, params, enc_cfg.layers)
     tower = VisionTower(cfg, rngs=rngs)
     if params is not None:
         nnx.update(tower, params)
     return QwenVisionEncoder(tower), cfg.patch_size, cfg.hidden_size
+
+
+def _first_blocks(cfg: VisionConfig, params, layers: int):
+    """The tower config and params cut to its first `layers` blocks (0 = all of them)."""
+    if not layers:
+        return cfg, params
+    if not 0 < layers <= cfg.depth:
+        raise ConfigError(
+            f"model.fae.encoder.layers={layers} but the tower has {cfg.depth} blocks; use 0 "
+            f"(all) or 1..{cfg.depth}"
+        )
+    full = tuple(i for i in cfg.fullatt_block_indexes if i < layers)
+    cfg = dataclasses.replace(cfg, depth=layers, fullatt_block_indexes=full)
+    if params is not None:
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, x: x[:layers] if path[0].key == "blocks" else x, params
+        )
+    return cfg, params
 
 
 @functools.lru_cache(maxsize=8)

@@ -3,7 +3,8 @@ features -> one self-attention layer + linear -> a compact Gaussian latent (KL) 
 Transformer feature decoder back to the encoder's feature space -> a ViT pixel decoder.
 
 Two training phases (`FAEConfig.phase`):
-  "feature"      feature reconstruction (L2) + KL trains the latent encoder and feature decoder;
+  "feature"      feature reconstruction (L2) + KL trains the latent encoder and feature decoder
+                 (optionally on latents noised like the flow's, `latent_noise`);
                  the pixel decoder learns from noise-augmented TRUE features meanwhile.
   "pixel_adapt"  only the pixel decoder trains, on features decoded from normalised latents
                  noised at the flow's `sigma_a`, so it decodes what the flow samples.
@@ -64,6 +65,10 @@ class FAEConfig:
     phase: str = "feature"
     sigma_a: float = 0.3  # the flow's noise std on normalised latents (phase "pixel_adapt")
     feature_noise: float = 0.1  # std of phase-"feature" pixel-decoder input noise, x feature RMS
+    # Phase "feature": noise of this std (x each latent channel's batch std, i.e. roughly in
+    # normalised units) on the sampled latent before the feature decoder, so that it learns to
+    # decode latents as noisy as the flow's (set it to sigma_a). 0 = off.
+    latent_noise: float = 0.0
     # Standardise each encoder patch feature (a LayerNorm without parameters): a tower's raw
     # hidden states (Qwen's, before its merger) can have RMS in the tens, which lets the
     # feature loss drown the pixel losses under one global gradient clip.
@@ -275,7 +280,11 @@ class FAE(nnx.Module):
         metrics = {}
         if cfg.phase == "feature":
             mean, logvar = self.latent_encoder(feats)
+            k_latent, k_aug = jax.random.split(k_latent)
             z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape)
+            if cfg.latent_noise:
+                scale = jax.lax.stop_gradient(jnp.std(mean, axis=(0, 1)))
+                z = z + cfg.latent_noise * scale * jax.random.normal(k_aug, mean.shape)
             feat_loss = jnp.mean(jnp.square(self.feature_decoder(z) - feats))
             kl = kl_divergence(mean, logvar)
             rms = jnp.sqrt(jnp.mean(jnp.square(feats)))

@@ -3,6 +3,7 @@ eval_shape, and clear errors for bad encoder / FAE weight files."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -160,6 +161,7 @@ def _copy(src, dst, **config_edits):
 def test_encoder_checkpoint_errors_name_the_file(tmp_path):
     dino = [
         "model.fae.encoder.kind=dinov2",
+        "model.fae.encoder.layers=0",  # the toy config cuts its Qwen tower to one block
         "model.fae.encoder.if_missing=error",
         "model.fae.feature_group=1",
     ]
@@ -215,3 +217,55 @@ def test_features_are_standardised_per_patch_unless_turned_off(fae, images):
     assert not np.allclose(raw.std(-1), 1.0, atol=1e-2)
     centred = raw - raw.mean(-1, keepdims=True)
     np.testing.assert_allclose(normed, centred / centred.std(-1, keepdims=True), atol=1e-4)
+
+
+def test_encoder_layers_runs_the_first_blocks_of_the_loaded_tower(tmp_path, images):
+    from pretzel_jax.convert import hf_qwen25vl
+
+    stage0 = load_config("experiments/shapes_stage0_vlm.py:test", device_count=1, process_count=1)
+    vlm = models.build(stage0, rngs=nnx.Rngs(1))
+    blocks = vlm.vision.blocks
+    assert blocks.norm1.scale.value.shape[0] == 2
+    # Block 1 becomes an identity (both residual branches write zeros), so the whole tower's
+    # features are its first block's: taking the last block or random weights would differ.
+    for branch in (blocks.attn.proj, blocks.mlp.down):
+        branch.kernel.value = branch.kernel.value.at[1:].set(0.0)
+        branch.bias.value = branch.bias.value.at[1:].set(0.0)
+    hf_qwen25vl.save(vlm, tmp_path / "vlm")
+    qwen = ["model.fae.encoder.if_missing=error", f"model.fae.encoder.path={tmp_path / 'vlm'}"]
+    features = nnx.jit(lambda m, x: m.features(x / 255.0))
+    whole = np.asarray(features(_build(_config(*qwen, "model.fae.encoder.layers=0")), images))
+    first = _build(_config(*qwen, "model.fae.encoder.layers=1"))
+    assert first.encoder.tower.cfg.depth == 1
+    np.testing.assert_allclose(np.asarray(features(first, images)), whole, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"encoder.layers=3 but the tower has 2 blocks"):
+        _abstract(_config(*qwen, "model.fae.encoder.layers=3"))
+
+
+def _feature_decoder_input_noise(model, images):
+    """(what the feature decoder gets in the loss - the posterior mean) / the mean's per-channel
+    std over the batch and positions."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state):
+        m = nnx.merge(graphdef, state)
+        seen, decoder = [], m.feature_decoder
+        m.feature_decoder = lambda z: (seen.append(z), decoder(z))[1]
+        mean, _ = m.latent_encoder(m.features(images / 255.0))
+        m.loss({"image": images}, jax.random.key(0))
+        return (seen[-1] - mean) / mean.std(axis=(0, 1))
+
+    return np.asarray(run(state))
+
+
+def test_latent_noise_reaches_the_feature_decoder_at_its_scale(images):
+    fae = _build(_config("model.fae.latent_noise=0.3"))
+    out, c = fae.latent_encoder.out, fae.cfg.latent_channels
+    # Posterior noise off (log-variance -30): beyond the posterior mean, the feature decoder
+    # gets the augmentation alone.
+    out.kernel.value = out.kernel.value.at[:, c:].set(0.0)
+    out.bias.value = out.bias.value.at[c:].set(-30.0)
+    assert abs(float(_feature_decoder_input_noise(fae, images).std()) - 0.3) < 0.03
+    fae.cfg = dataclasses.replace(fae.cfg, latent_noise=0.0)
+    assert float(np.abs(_feature_decoder_input_noise(fae, images)).max()) < 1e-4
