@@ -39,6 +39,7 @@ def get_config(arg: str | None = None):
         spatial_merge_size=1,  # the tower's (4 px patches, no merge)
     )
     c.model.kind = "vlm"  # sizes: pretzel_jax.models.default_vlm_config
+    c.model.vision_init = "runs/shapes_stage0_tower/tower.safetensors"
 
     c.optim.lr = 6e-4  # loss at 600 steps: 0.78; 3e-4 0.86, 1e-3 0.80, 2e-3 0.84, 5e-3 0.86
     c.optim.warmup_steps = 100
@@ -52,6 +53,7 @@ def get_config(arg: str | None = None):
     c.train.ckpt_every = 500
 
     if arg == "test":
+        c.model.vision_init = ""
         c.data.datasets.caption = "shapes/captions_tiny"
         c.data.datasets.vqa = "shapes/vqa_tiny"
         c.data.batch_size = 8  # tests run on 8 fake devices

@@ -11,10 +11,12 @@ from flax import nnx
 
 from pretzel_jax.flow import FlowConfig
 from pretzel_jax.flow.image_flow import ImageFlow, ImageFlowConfig
+from pretzel_jax.train.errors import ConfigError
 from pretzel_jax.vlm import TextConfig, VisionConfig, VLMConfig
 from pretzel_jax.vlm.lm_loss import PackedLM
+from pretzel_jax.vlm.tower_pretrain import TowerPretrain, TowerPretrainConfig, load_tower
 
-KINDS = ("image_flow", "vlm", "fae")
+KINDS = ("image_flow", "vlm", "fae", "tower_pretrain")
 
 
 def _defaults(cls) -> dict:
@@ -35,6 +37,11 @@ def default_model_config() -> ml_collections.ConfigDict:
             "flow": flow,
             "vlm": default_vlm_config(),
             "fae": _default_fae_config(),  # kind "fae": pretzel_jax.models_fae
+            # kind "tower_pretrain": the model.vlm.vision tower with dense-label heads
+            # (pretzel_jax.vlm.tower_pretrain), on `image_size` images of the shapes family.
+            "tower_pretrain": _default_tower_pretrain_config(),
+            # kind "vlm": start the vision tower from this tower.safetensors ("" = random).
+            "vision_init": "",
             # End-of-run report (ImageFlow): CFG sample grid and held-out bits/dim.
             # (vlm): greedy VQA and captions on `vqa_records`/`caption_records` records of the
             # test and heldout splits; `export_hf` also writes the run dir's hf/ folder.
@@ -58,6 +65,16 @@ def _default_fae_config() -> ml_collections.ConfigDict:
     from pretzel_jax import models_fae  # imports vlm and the encoders: only when configs are made
 
     return models_fae.default_config()
+
+
+def _default_tower_pretrain_config() -> dict:
+    from pretzel_jax.data.shapes.scene import CELL_LABEL_CLASSES, ROWS
+
+    return _defaults(TowerPretrainConfig) | dict(
+        cell_grid=len(ROWS),
+        cell_classes=CELL_LABEL_CLASSES,
+        report_batches=8,  # eval batches per split in the end-of-run report
+    )
 
 
 def default_vlm_config() -> dict:
@@ -160,7 +177,18 @@ def build(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
     if kind == "vlm":
         cfg = vlm_config(config.model)
         _check_vlm_data(cfg.vision, config.data)
-        return PackedLM(cfg, rngs=rngs)
+        model = PackedLM(cfg, rngs=rngs)
+        if config.model.vision_init:
+            try:
+                load_tower(model.vision, config.model.vision_init)
+            except ValueError as e:
+                raise ConfigError(f"model.vision_init: {e}") from e
+        return model
+    if kind == "tower_pretrain":
+        kw = config.model.tower_pretrain.to_dict()
+        del kw["report_batches"]
+        kw["vision"] = vlm_config(config.model).vision
+        return TowerPretrain(_make(TowerPretrainConfig, kw, "model.tower_pretrain"), rngs=rngs)
     if kind == "fae":
         from pretzel_jax import models_fae
 
@@ -195,6 +223,10 @@ def report_fn(config: ml_collections.ConfigDict) -> Callable | None:
         return report
     if config.model.kind == "fae":
         from pretzel_jax.eval.fae_report import report
+
+        return report
+    if config.model.kind == "tower_pretrain":
+        from pretzel_jax.eval.tower_report import report
 
         return report
     return None

@@ -37,13 +37,32 @@ from tensorflow_datasets.core import read_only_builder
 
 from pretzel_jax.data import digits, formats, layout, schema
 from pretzel_jax.data.shapes.builder import PREPARERS as SHAPES_PREPARERS
+from pretzel_jax.data.shapes.scene import SceneSpec, cell_labels
 
 # name -> prepare(data_dir): builds that data set under data_dir (idempotent).
 DATASETS: dict[str, Callable[[str], None]] = {digits.NAME: digits.prepare, **SHAPES_PREPARERS}
-# Image-only views for image autoencoders (the FAE): {"image": uint8 (H, W, 3)} per caption
-# record of these builders.
-IMAGE_VIEWS = {"shapes_images": "shapes/captions", "shapes_images_tiny": "shapes/captions_tiny"}
-DATASETS |= {view: SHAPES_PREPARERS[src.replace("/", "_")] for view, src in IMAGE_VIEWS.items()}
+
+
+def _image_view(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {"image": record["images"][0]}
+
+
+def _cells_view(record: Mapping[str, Any]) -> dict[str, Any]:
+    doc = schema.decode_record(record)
+    scene = SceneSpec.from_dict(json.loads(doc.scene)["images"][0])
+    return {"image": record["images"][0], "cells": cell_labels(scene)}
+
+
+# Views of caption records for image models, name -> (source data set, record -> example):
+# images alone for the FAE, {"image": uint8 (H, W, 3)}; images with dense scene labels for the
+# vision-tower pretraining, plus "cells": int32 (9, 3) (`shapes.scene.cell_labels`).
+VIEWS: dict[str, tuple[str, Callable[[Mapping[str, Any]], dict[str, Any]]]] = {
+    "shapes_images": ("shapes/captions", _image_view),
+    "shapes_images_tiny": ("shapes/captions_tiny", _image_view),
+    "shapes_cells": ("shapes/captions", _cells_view),
+    "shapes_cells_tiny": ("shapes/captions_tiny", _cells_view),
+}
+DATASETS |= {view: SHAPES_PREPARERS[src.replace("/", "_")] for view, (src, _) in VIEWS.items()}
 
 REQUIRED_KEYS = (
     "name",
@@ -108,8 +127,8 @@ def make_iterator(
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}.")
 
-    view = IMAGE_VIEWS.get(name)
-    source = _data_source(view or name, os.fspath(data_cfg.data_dir), split)
+    source_name, view = VIEWS.get(name, (name, None))
+    source = _data_source(source_name, os.fspath(data_cfg.data_dir), split)
     if shuffle is None:
         shuffle = bool(data_cfg.shuffle) and _split_name(split) == "train"
 
@@ -118,7 +137,7 @@ def make_iterator(
         ds = ds.seed(data_cfg.seed).shuffle()
     ds = ds.repeat(num_epochs)  # Reseeds the shuffle each epoch.
     if view:
-        ds = ds.map(lambda record: {"image": record["images"][0]})
+        ds = ds.map(view)
     ds = ds.map(_narrow_dtypes)
     ds = ds.batch(local_batch_size, drop_remainder=bool(data_cfg.drop_remainder))
     it_ds = ds.to_iter_dataset(

@@ -154,6 +154,25 @@ class SceneSpec:
 _REPEAT_PROB = 0.35
 
 
+# Dense labels of a scene for pretraining a vision tower (`cell_labels`): per grid cell in reading
+# order, the shape of its object (0 = empty cell, else 1 + index in SHAPES), its colour and its
+# size (indices in COLORS and SIZES; -1 = empty cell). The number of classes of each label:
+CELL_LABEL_CLASSES: tuple[int, ...] = (len(SHAPES) + 1, len(COLORS), len(SIZES))
+
+
+def cell_labels(scene: SceneSpec) -> np.ndarray:
+    """int32 (len(ROWS) * len(COLS), 3): (shape, colour, size) of each cell's object."""
+    labels = np.full((len(ROWS) * len(COLS), 3), -1, np.int32)
+    labels[:, 0] = 0
+    for o in scene.objects:
+        labels[ROWS.index(o.row) * len(COLS) + COLS.index(o.col)] = (
+            1 + SHAPES.index(o.shape),
+            list(COLORS).index(o.color),
+            list(SIZES).index(o.size),
+        )
+    return labels
+
+
 def random_object(
     rng: np.random.Generator,
     row: str,

@@ -1,0 +1,40 @@
+"""End-of-run report of a vision-tower pretraining (model kind "tower_pretrain"): the tower as
+`tower.safetensors` in the run folder (the stage-0 VLM's `model.vision_init`), and the heads'
+accuracies on the test and the held-out compositional split (report.json):
+`cell_accuracy_<i>` per cell label (shapes: 0 shape or empty, 1 colour, 2 size; over the cells
+that have the label) and `position_accuracy` (each token's row and column)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from pretzel_jax.vlm.tower_pretrain import TowerPretrain, save_tower
+
+log = logging.getLogger(__name__)
+SPLITS = {"test": "", "heldout": "heldout_"}  # split -> report key prefix
+
+
+def report(model: TowerPretrain, config, data, key, run_dir: str) -> dict[str, float]:
+    del key
+    run_dir = Path(run_dir)
+    if jax.process_index() == 0:
+        log.info("vision tower weights: %s", save_tower(model.tower, run_dir / "tower.safetensors"))
+    metrics = nnx.jit(lambda m, b: m.loss(b, None)[1])
+    out = {}
+    for split, prefix in SPLITS.items():
+        rows, sizes = [], []
+        for _, batch in zip(range(config.model.tower_pretrain.report_batches), data(split)):
+            rows.append(jax.device_get(metrics(model, batch)))
+            sizes.append(len(batch["image"]))
+        for k in rows[0]:
+            if "accuracy" in k:
+                out[prefix + k] = float(np.average([r[k] for r in rows], weights=sizes))
+    if jax.process_index() == 0:
+        (run_dir / "report.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
