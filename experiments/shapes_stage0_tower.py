@@ -2,9 +2,10 @@
 `model.vlm.vision`) on dense labels of shapes images (`pretzel_jax.vlm.tower_pretrain`): per 3x3
 grid cell the shape (or empty), colour and size of its object, and per token its own row and
 column. The tower learned only through the next-token loss sees shapes poorly and tells the LM
-nothing of where a token is; with this step first the stage-0 VLM reaches in 1500 steps what it
-reached in 10000 without it (test VQA 70.7% vs 68.8% on the first 100 vs all 200 test records;
-2026-11-23, scratch harness). Then `experiments/shapes_stage0_vlm.py` starts from tower.safetensors.
+nothing of where a token is; with this step the stage-0 VLM's VQA accuracy after 5000 steps goes
+from 60.8% to 71.8% (see that file). Measured 2026-11-23 (report.json, 1000 steps, 7.6 min on the
+2-core CPU shared with another job): test cells 99.9% shape, 100% colour, 100% size, tokens
+99.99% row and column; held-out compositional split 90.6%, 96.8%, 99.9%, 99.96%.
 
     python -m pretzel_jax.data.prepare --name shapes_cells --data_dir data_cache
     python -m pretzel_jax.train --config experiments/shapes_stage0_tower.py \\

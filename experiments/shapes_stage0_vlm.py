@@ -1,23 +1,27 @@
-"""Stage 0 at toy scale: the Qwen2.5-VL architecture (4 layers, 128 wide, GQA 4/2, M-RoPE with
-theta 1e4; a 4-block vision tower, 4 px patches, no merge: a 32 px image is 8x8 = 64 tokens)
-trained from scratch with next-token loss on shapes captioning, VQA and text-only captions, packed
-128 tokens per row. The 5000-step default took 20 min on the 2-core CPU (0.17 s/step alone; part of
-the run shared the cores) and reached 61% VQA accuracy on the test split, 58% on the held-out
-compositional split, 21% caption exact match (2026-11-23, report.json); the 85% target needs a
-longer run. None of these beat the default in 1500-step A/B runs (greedy VQA on the first 100
-or 200 test records: 44-57%, the default 61% on 100): full attention in every tower block, a
-vision-tower lr x0.3, x3 or x10, text rope theta 10 or 100, no text-only documents. Shape is
-the weak question type, even in one-object scenes (66% after 10000 steps), though this tower
-with a linear shape head learns one-object shapes to 92% in 500 steps of 32 images: the slow
-part is learning shapes through the next-token loss.
+"""Stage 0 at toy scale, step 2 of 2: the Qwen2.5-VL architecture (4 layers, 128 wide, GQA 4/2,
+M-RoPE with theta 1e4; a 4-block vision tower, 4 px patches, no merge: a 32 px image is 8x8 = 64
+tokens), its tower started from step 1 (`experiments/shapes_stage0_tower.py`, `model.vision_init`),
+trained with next-token loss on shapes captioning, VQA and text-only captions, packed 128 tokens
+per row.
+
+Measured 2026-11-23 (report.json, 5000 steps; 27 min on the 2-core CPU shared with another job,
+0.28-0.32 s/step): VQA 71.8% on the test split (colour 72, shape 74, count 78, position 68,
+yes/no 66), 69.2% on the held-out compositional split, caption exact match 50.5% (17.0%). With a
+random tower (`--config.model.vision_init=`): 60.8%, 58.5%, 21.5% (2.5%); 68.8% after 10000
+steps. The 85% target is not reached. 1500-step A/B runs (greedy VQA on the first 100 test
+records): random tower 61%; pretrained with the cell heads alone 65%, with the position head too
+71% (the default); full attention in every tower block, a vision-tower lr x0.3/x3/x10, text rope
+theta 10 or 100, no text-only documents, VQA-only data, or a text lr of 3e-4 or 1.2e-3 did not
+beat their baselines (44-65%).
 
     python -m pretzel_jax.data.prepare --name shapes_vqa --data_dir data_cache
     python -m pretzel_jax.data.prepare --name shapes_captions --data_dir data_cache
     python -m pretzel_jax.train --config experiments/shapes_stage0_vlm.py
 
-`:test` is a seconds-long smoke size over the `_tiny` data sets (tests use it). At the end the run
-folder holds report.json (greedy VQA accuracy per question type, caption exact match, on the test
-and the held-out compositional split) and hf/, the model as a Hugging Face folder:
+`:test` is a seconds-long smoke size over the `_tiny` data sets with a random tower (tests use
+it). At the end the run folder holds report.json (greedy VQA accuracy per question type, caption
+exact match, on the test and the held-out compositional split) and hf/, the model as a Hugging
+Face folder:
 
     python -m pretzel_jax.vlm.chat --ckpt runs/shapes_stage0_vlm/hf --image x.png \
         --prompt "what color is the circle?"
