@@ -28,13 +28,16 @@ def report(model: TowerPretrain, config, data, key, run_dir: str) -> dict[str, f
     metrics = nnx.jit(lambda m, b: m.loss(b, None)[1])
     out = {}
     for split, prefix in SPLITS.items():
-        rows, sizes = [], []
+        rows, weights = [], []
         for _, batch in zip(range(config.model.tower_pretrain.report_batches), data(split)):
             rows.append(jax.device_get(metrics(model, batch)))
-            sizes.append(len(batch["image"]))
-        for k in rows[0]:
-            if "accuracy" in k:
-                out[prefix + k] = float(np.average([r[k] for r in rows], weights=sizes))
+            labelled = (np.asarray(batch["cells"]) >= 0).sum((0, 1))  # cells per label
+            weights.append({f"cell_accuracy_{i}": n for i, n in enumerate(labelled)})
+            weights[-1]["position_accuracy"] = len(batch["image"])  # same tokens per image
+        for k in weights[0]:  # batch means, weighted back to means over cells / tokens
+            out[prefix + k] = float(
+                np.average([r[k] for r in rows], weights=[w[k] for w in weights])
+            )
     if jax.process_index() == 0:
         (run_dir / "report.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
