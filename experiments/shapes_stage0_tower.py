@@ -5,7 +5,7 @@ column. The tower learned only through the next-token loss sees shapes poorly an
 nothing of where a token is; with this step the stage-0 VLM's VQA accuracy after 5000 steps goes
 from 60.8% to 71.8% (see that file). Measured 2026-11-23 (report.json, 1000 steps, 7.6 min on the
 2-core CPU shared with another job): test cells 99.9% shape, 100% colour, 100% size, tokens
-99.99% row and column; held-out compositional split 90.6%, 96.8%, 99.9%, 99.96%.
+99.99% row and column; held-out compositional split 90.6%, 96.9%, 99.9%, 99.96%.
 
     python -m pretzel_jax.data.prepare --name shapes_cells --data_dir data_cache
     python -m pretzel_jax.train --config experiments/shapes_stage0_tower.py \\
