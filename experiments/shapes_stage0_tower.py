@@ -38,6 +38,9 @@ def get_config(arg: str | None = None):
     c.optim.weight_decay = 0.01
     c.optim.grad_clip = 1.0
 
+    # Each token also learns its cell's labels, so that attention can find an object by shape.
+    c.model.tower_pretrain.token_cell_weight = 1.0
+
     c.train.steps = 1000
     c.train.log_every = 50
     c.train.eval_every = 0

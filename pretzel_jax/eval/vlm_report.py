@@ -1,6 +1,7 @@
 """End-of-run report of the stage-0 VLM (shapes family): greedy VQA accuracy per question type and
-caption exact match, on the test split and on the held-out compositional split; and the model
-exported as a Hugging Face folder (`<run_dir>/hf`) that `python -m pretzel_jax.vlm.chat` reads.
+per number of objects in the scene, caption exact match, on the test split and on the held-out
+compositional split; and the model exported as a Hugging Face folder (`<run_dir>/hf`) that
+`python -m pretzel_jax.vlm.chat` reads.
 
 Prompts are built the way the chat CLI builds them (`QwenTokenizer.encode_chat` over the data
 set's tokenizer folder, `preprocess_images` with the toy patch sizes), so the numbers measure what
@@ -24,6 +25,7 @@ from ml_collections import ConfigDict
 from tensorflow_datasets.core import read_only_builder
 
 from pretzel_jax.data import schema
+from pretzel_jax.data.shapes.scene import MAX_OBJECTS
 from pretzel_jax.data.shapes.tasks import QUESTION_TYPES
 from pretzel_jax.data.tokenizer import split_words
 from pretzel_jax.vlm import Qwen25VL, QwenTokenizer, generate, preprocess_images
@@ -121,19 +123,28 @@ def vqa_scores(
     pairs, truth = [], []
     for doc in docs:
         image = _image(doc)
-        for qa in json.loads(doc.scene)["qa"]:
+        scene = json.loads(doc.scene)
+        objects = len(scene["images"][0]["objects"])
+        for qa in scene["qa"]:
             pairs.append((image, qa["question"]))
-            truth.append((qa["type"], normalize(qa["answer"])))
+            truth.append((qa["type"], normalize(qa["answer"]), objects))
     answers = ask(pairs, max_new_tokens=max_tokens)
     right = {t: [] for t in QUESTION_TYPES}
-    for (qtype, want), got in zip(truth, answers):
+    by_objects = {n: [] for n in range(1, MAX_OBJECTS + 1)}
+    for (qtype, want, objects), got in zip(truth, answers):
         right[qtype].append(normalize(got) == want)
+        by_objects[objects].append(right[qtype][-1])
     out = {f"vqa_accuracy_{t}": float(np.mean(r)) if r else float("nan") for t, r in right.items()}
+    # Per scene size: single-object scenes need no binding of the question to its object.
+    out |= {
+        f"vqa_accuracy_objects_{n}": float(np.mean(r)) if r else float("nan")
+        for n, r in by_objects.items()
+    }
     everything = [x for r in right.values() for x in r]
     out["vqa_accuracy"] = float(np.mean(everything)) if everything else float("nan")
     out["vqa_questions"] = float(len(pairs))
     examples = [
-        {"question": q, "answer": a, "truth": t[1]}
+        {"question": q, "answer": a, "truth": t[1], "objects": t[2]}
         for (_, q), a, t in list(zip(pairs, answers, truth))[:8]
     ]
     return out, examples

@@ -7,7 +7,11 @@ absolute position embedding and attention values carry no position. Two heads on
 output tokens teach both.
 - Cell head: each of `cell_grid` x `cell_grid` image cells pools the tokens that cover it
   (weighted by overlap area) and classifies it once per label (e.g. the shape, colour and size
-  of the object there); label -1 = none.
+  of the object there); label -1 = none. With `token_cell_weight` > 0 the same head also
+  classifies every token by the labels of the cell holding its centre: pooled labels alone leave
+  a cell's shape in the mean of its tokens but in none of them, so the language model's attention
+  could find an object by its colour (a per-token feature) but not by its shape ("what color is
+  the circle?").
 - Position head: each token classifies its own row and column in the token grid.
 Only the tower goes on: the VLM starts from it with `model.vision_init` (`save_tower`).
 """
@@ -38,6 +42,7 @@ class TowerPretrainConfig:
     cell_grid: int = 3
     cell_classes: tuple[int, ...] = (5, 6, 2)
     position_weight: float = 1.0
+    token_cell_weight: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "cell_classes", tuple(self.cell_classes))
@@ -84,9 +89,10 @@ class TowerPretrain(nnx.Module):
         self.cell_head = Dense(d, sum(cfg.cell_classes), axes=("embed", None), rngs=rngs)
         self.position_head = Dense(d, 2 * cfg.token_grid, axes=("embed", None), rngs=rngs)
 
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """uint8 (B, H, W, 3) -> cell logits (B, cells, sum(cell_classes)) and position logits
-        (B, tokens, 2 * token_grid): rows then columns."""
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """uint8 (B, H, W, 3) -> cell logits (B, cells, sum(cell_classes)), position logits
+        (B, tokens, 2 * token_grid): rows then columns, and the cell head on every token
+        (B, tokens, sum(cell_classes))."""
         cfg, b = self.cfg, images.shape[0]
         if images.shape[1:3] != (cfg.image_size, cfg.image_size):
             raise ValueError(
@@ -99,26 +105,20 @@ class TowerPretrain(nnx.Module):
         )
         pool = jnp.asarray(cell_pooling(cfg.image_size, cfg.token_grid, cfg.cell_grid))
         cells = jnp.einsum("ct,btd->bcd", pool, tokens.astype(jnp.float32))
-        return self.cell_head(cells), self.position_head(tokens)
+        return self.cell_head(cells), self.position_head(tokens), self.cell_head(tokens)
 
     def loss(self, batch: dict[str, jax.Array], key: jax.Array):
         del key  # deterministic
         cfg = self.cfg
-        cell_logits, pos_logits = self(batch["image"])
+        cell_logits, pos_logits, token_logits = self(batch["image"])
         labels = batch["cells"]
-        metrics, total = {}, 0.0
-        start = 0
-        for i, n in enumerate(cfg.cell_classes):
-            y = labels[..., i]
-            valid = y >= 0
-            ce = optax.softmax_cross_entropy_with_integer_labels(
-                cell_logits[..., start : start + n], jnp.maximum(y, 0)
+        metrics = {}
+        total = _label_loss(cell_logits, labels, cfg.cell_classes, metrics, "cell_accuracy")
+        if cfg.token_cell_weight:
+            owner = jnp.asarray(token_cells(cfg.image_size, cfg.token_grid, cfg.cell_grid))
+            total += cfg.token_cell_weight * _label_loss(
+                token_logits, labels[:, owner], cfg.cell_classes, metrics, "token_cell_accuracy"
             )
-            count = jnp.maximum(valid.sum(), 1)
-            total = total + jnp.where(valid, ce, 0.0).sum() / count
-            hit = (cell_logits[..., start : start + n].argmax(-1) == y) & valid
-            metrics[f"cell_accuracy_{i}"] = hit.sum() / count
-            start += n
         t = cfg.token_grid
         rows = jnp.broadcast_to(jnp.arange(t * t) // t, pos_logits.shape[:2])
         cols = jnp.broadcast_to(jnp.arange(t * t) % t, pos_logits.shape[:2])
@@ -132,6 +132,28 @@ class TowerPretrain(nnx.Module):
         metrics["position_loss"] = pos
         loss = total + cfg.position_weight * pos
         return loss, metrics
+
+
+def token_cells(image_size: int, token_grid: int, cell_grid: int) -> np.ndarray:
+    """(token_grid**2,) the cell (raster index) holding each token's centre."""
+    centres = (np.arange(token_grid) + 0.5) * image_size / token_grid
+    axis = np.minimum((centres * cell_grid / image_size).astype(int), cell_grid - 1)
+    return (axis[:, None] * cell_grid + axis[None, :]).reshape(-1)
+
+
+def _label_loss(logits, labels, classes, metrics: dict, name: str) -> jax.Array:
+    """Sum over label kinds of the mean cross entropy over valid (>= 0) labels; accuracies go
+    into `metrics` as name_i."""
+    total, start = 0.0, 0
+    for i, n in enumerate(classes):
+        y, part = labels[..., i], logits[..., start : start + n]
+        valid = y >= 0
+        ce = optax.softmax_cross_entropy_with_integer_labels(part, jnp.maximum(y, 0))
+        count = jnp.maximum(valid.sum(), 1)
+        total = total + jnp.where(valid, ce, 0.0).sum() / count
+        metrics[f"{name}_{i}"] = ((part.argmax(-1) == y) & valid).sum() / count
+        start += n
+    return total
 
 
 def save_tower(tower: VisionTower, path: str | Path) -> Path:

@@ -84,7 +84,8 @@ def test_smoke_run_resumes_reports_and_starts_the_vlm(data_dir, tmp_path):
     assert len(final) == 2 and final[0] == final[1]  # the resumed run repeats steps 3-4 exactly
     report = json.loads((tmp_path / "report.json").read_text())
     for prefix in ("", "heldout_"):
-        for key in ("cell_accuracy_0", "cell_accuracy_1", "cell_accuracy_2", "position_accuracy"):
+        keys = [f"{kind}_accuracy_{i}" for kind in ("cell", "token_cell") for i in range(3)]
+        for key in (*keys, "position_accuracy"):
             assert 0 <= report[prefix + key] <= 1, prefix + key
 
     tower_file = tmp_path / "tower.safetensors"

@@ -49,6 +49,7 @@ def test_smoke_run_resumes_and_reports_every_field(data_dir, tmp_path):
     for prefix in ("", "heldout_"):
         keys = ["vqa_accuracy", "caption_exact_match"]
         keys += [f"vqa_accuracy_{t}" for t in ("color", "shape", "count", "position", "yes_no")]
+        keys += [f"vqa_accuracy_objects_{n}" for n in (1, 2, 3)]
         for key in keys:
             assert prefix + key in report, prefix + key
         assert report[prefix + "vqa_questions"] == 6  # 2 records x 3 questions

@@ -1,5 +1,8 @@
-"""Vision-tower pretraining on dense labels: the cell pooling is overlap-weighted, ignored labels
-cost nothing, the heads learn a fixed batch, and the tower file round-trips into a VLM."""
+"""Vision-tower pretraining on dense labels: the cell pooling is overlap-weighted, each token's
+labels are those of the cell holding its centre, ignored labels cost nothing, the heads learn a
+fixed batch, and the tower file round-trips into a VLM."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,7 @@ from pretzel_jax.vlm.tower_pretrain import (
     cell_pooling,
     load_tower,
     save_tower,
+    token_cells,
 )
 
 VISION = VisionConfig(
@@ -32,8 +36,8 @@ VISION = VisionConfig(
 CFG = TowerPretrainConfig(VISION, image_size=32, cell_grid=3, cell_classes=(5, 6, 2))
 
 
-def _model(seed=0):
-    return nnx.jit(lambda: TowerPretrain(CFG, rngs=nnx.Rngs(seed)))()
+def _model(seed=0, cfg=CFG):
+    return nnx.jit(lambda: TowerPretrain(cfg, rngs=nnx.Rngs(seed)))()
 
 
 def _batch(seed=0, n=8):
@@ -58,6 +62,32 @@ def test_cell_pooling_weights_tokens_by_shared_area():
     row = np.array([0, 0, 4 / 3, 4, 4, 4 / 3, 0, 0])
     want = np.outer(row, row).ravel()
     np.testing.assert_allclose(w[4], want / want.sum(), rtol=1e-6)
+
+
+def test_token_cells_hold_token_centres():
+    # Token centres at 2, 6, ..., 30 px; cell edges at 32/3 and 64/3 px.
+    owner = token_cells(32, 8, 3).reshape(8, 8)
+    axis = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(owner, axis[:, None] * 3 + axis[None, :])
+
+
+def test_token_cell_loss_is_the_cell_head_on_each_token():
+    batch = _batch()
+    plain = _model(0, dataclasses.replace(CFG, token_cell_weight=0.0))
+    both = _model(0, dataclasses.replace(CFG, token_cell_weight=0.5))
+    loss = nnx.jit(lambda m, b: m.loss(b, None))
+    (l0, m0), (l1, m1) = loss(plain, batch), loss(both, batch)
+    _, _, token_logits = both(batch["image"])
+    labels = np.asarray(batch["cells"])[:, token_cells(32, 8, 3)]  # (B, 64, 3)
+    want, start = 0.0, 0
+    for i, n in enumerate(CFG.cell_classes):
+        logp = jax.nn.log_softmax(np.asarray(token_logits)[..., start : start + n])
+        y = labels[..., i]
+        picked = np.take_along_axis(np.asarray(logp), np.maximum(y, 0)[..., None], -1)[..., 0]
+        want += -picked[y >= 0].mean()
+        start += n
+    assert float(l1) - float(l0) == pytest.approx(0.5 * want, rel=1e-4)
+    assert "token_cell_accuracy_0" in m1 and "token_cell_accuracy_0" not in m0
 
 
 def test_ignored_labels_cost_nothing():
