@@ -47,6 +47,8 @@ def get_config(arg: str | None = None):
     f.encoder.path = DINOV2_G
     f.encoder.if_missing = "error"
     f.init_from = "runs/fae_dinov2g/fae.safetensors" if arg == "adapt" else ""
+    if arg == "adapt":  # its own folder: runs/fae_dinov2g holds the feature phase's checkpoints
+        c.run_dir = "runs/fae_dinov2g_adapt"
     f.report.judge = False  # the shapes judge reads shapes images only
     f.report.images = 0
 

@@ -1,8 +1,8 @@
 """FAE on the shapes family at 32 px through the stage-0 VLM's vision tower (toy scale, CPU).
 
     python -m pretzel_jax.data.prepare --name shapes_images --data_dir data_cache
-    python -m pretzel_jax.train --config experiments/shapes_fae.py            # phase "feature"
-    python -m pretzel_jax.train --config experiments/shapes_fae.py:adapt      # phase "pixel_adapt"
+    python -m pretzel_jax.train --config experiments/shapes_fae.py        # runs/shapes_fae
+    python -m pretzel_jax.train --config experiments/shapes_fae.py:adapt  # runs/shapes_fae_adapt
 
 The encoder is the Qwen2.5-VL vision tower (before its merger) of the stage-0 VLM's Hugging Face
 export, `runs/shapes_stage0_vlm/hf` (experiments/shapes_stage0_vlm.py writes it). While that
@@ -10,14 +10,15 @@ folder is absent the run logs a warning and uses a RANDOMLY INITIALISED, FROZEN 
 shape (`model.fae.encoder.if_missing = "random"`); set `if_missing=error` to forbid that.
 Only the tower's first block runs (`encoder.layers=1`): its 4 px patch features (8x8x128) become
 8x8xC latents, and the feature decoder learns on latents noised at sigma_a (`latent_noise`).
-Measured 2026-11-23 after both phases, the judge's scene accuracy on clean / noisy
-reconstructions of 1024 fresh renders (originals 100%): on the default stage-0 VLM's tower
-(pretrained on dense labels, then 5000 VLM steps) 98.8% / 95.5%, PSNR 31.2 / 30.3 dB (held-out
-compositional split 98.8% / 96.1%, originals 100%). Earlier, on a random-tower VLM's after 10000
-steps, 800 adapt steps, 512 renders (originals 99.8%): all 4 blocks 56% / 43%; the first block
-77% / 62%; plus the latent noise 76% / 68%. The linear-probe PSNR of each patch's pixels from
-block 1 (own patch, one ridge fit per block on 1000 renders) is 30.9 dB for the former tower and
-28.0 dB for the latter (block 4: 23.7 / 23.6 dB).
+Measured 2026-11-23 after both phases, the judge's scene accuracy on clean / noisy reconstructions
+of 1024 fresh renders (originals 100%): on the tower of the stage-0 VLM that scored 71.8% (tower
+pretrained on pooled cell labels only, then 5000 VLM steps; not yet rerun on the 2026-12-04 default,
+whose tower also learns per-token labels) 98.8% / 95.5%, PSNR 31.2 / 30.3 dB (held-out compositional
+split 98.8% / 96.1%, originals 100%). Earlier, on a random-tower VLM's after 10000 steps, 800 adapt
+steps, 512 renders (originals 99.8%): all 4 blocks 56% / 43%; the first block 77% / 62%; plus the
+latent noise 76% / 68%. The linear-probe PSNR of each patch's pixels from block 1 (own patch, one
+ridge fit per block on 1000 renders) is 30.9 dB for the former tower and 28.0 dB for the latter
+(block 4: 23.7 / 23.6 dB).
 
 Phase "feature" ends by computing the latent normalisation statistics on training images and
 writing `runs/shapes_fae/fae.safetensors`; phase "pixel_adapt" starts from that file. Each run's
@@ -71,6 +72,8 @@ def get_config(arg: str | None = None):
     f.encoder.if_missing = "random"
     f.encoder.random = toy_qwen_vision()
     f.init_from = f"{FEATURE_RUN}/fae.safetensors" if adapt else ""
+    if adapt:  # its own folder: FEATURE_RUN holds the feature phase's checkpoints
+        c.run_dir = f"{FEATURE_RUN}_adapt"
     f.report.images = 1024  # fresh renders per split: the scene accuracy's std error ~0.7 points
     f.report.stats_batches = 16
 

@@ -4,24 +4,33 @@ tokens), its tower started from step 1 (`experiments/shapes_stage0_tower.py`, `m
 trained with next-token loss on shapes captioning, VQA and text-only captions, packed 128 tokens
 per row.
 
-Measured 2026-11-23 (report.json, 5000 steps; 27 min on the 2-core CPU shared with another job,
-0.28-0.32 s/step): VQA 71.8% on the test split (colour 72, shape 74, count 78, position 68,
-yes/no 66), 69.2% on the held-out compositional split, caption exact match 50.5% (17.0%). With a
-random tower (`--config.model.vision_init=`): 60.8%, 58.5%, 21.5% (2.5%); 68.8% after 10000
-steps. The 85% target is not reached. 1500-step A/B runs (greedy VQA on the first 100 test
-records): random tower 61%; pretrained with the cell heads alone 65%, with the position head too
-71% (the default); full attention in every tower block, a vision-tower lr x0.3/x3/x10, text rope
-theta 10 or 100, no text-only documents, VQA-only data, or a text lr of 3e-4 or 1.2e-3 did not
-beat their baselines (44-65%).
+Measured 2026-12-04 (report.json, 5000 steps; 46 min on the 2-core CPU shared with checkpoint
+evaluations and a CI run, 0.47 s/step alone): VQA 76.3% on the test split (colour 75, shape 89,
+count 79, position 70, yes/no 67; scenes of 1 / 2 / 3 objects 91 / 72 / 62), 68.7% on the held-out
+compositional split, caption exact match 57.5% (21.0%). The 85% target is not reached.
+
+What is missing is binding a question to its object in multi-object scenes: every wrong colour
+answer is the colour of another object in the scene. Per question form (a scratch analysis of hf/ on
+the same 200 test records), finding an object by its colour works ("what shape is the red object?"
+in two-object scenes: 87%), by its shape less ("what color is the circle?": 69%). With a tower
+pretrained on pooled cell labels only (`token_cell_weight=0`, the earlier default) the gap was
+wider: 100% against 31% (a 1500-step batch-32 run that trained VQA on 2-3-object scenes only: 69.5%
+overall), and the 5000-step default measured 71.8% (colour 72, shape 74, count 78, position 68,
+yes/no 66), 69.2% compositional, captions 50.5% (17.0%); a random tower 60.8%, 58.5%, 21.5% (2.5%),
+and 68.8% after 10000 steps. Earlier 1500-step A/Bs (greedy VQA on the first 100 test records):
+random tower 61%; pooled cell heads alone 65%, with the position head too 71%; full attention in
+every tower block, a vision-tower lr x0.3/x3/x10, text rope theta 10/100/1e6, no text-only
+documents, VQA-only data, the question before the image, a text lr of 3e-4 or 1.2e-3, or batch 32
+did not beat their baselines (44-72%).
 
     python -m pretzel_jax.data.prepare --name shapes_vqa --data_dir data_cache
     python -m pretzel_jax.data.prepare --name shapes_captions --data_dir data_cache
     python -m pretzel_jax.train --config experiments/shapes_stage0_vlm.py
 
-`:test` is a seconds-long smoke size over the `_tiny` data sets with a random tower (tests use
-it). At the end the run folder holds report.json (greedy VQA accuracy per question type, caption
-exact match, on the test and the held-out compositional split) and hf/, the model as a Hugging
-Face folder:
+`:test` is a seconds-long smoke size over the `_tiny` data sets with a random tower (tests use it).
+At the end the run folder holds report.json (greedy VQA accuracy per question type and per number of
+objects in the scene, caption exact match, on the test and the held-out compositional split) and
+hf/, the model as a Hugging Face folder:
 
     python -m pretzel_jax.vlm.chat --ckpt runs/shapes_stage0_vlm/hf --image x.png \
         --prompt "what color is the circle?"

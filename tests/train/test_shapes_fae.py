@@ -1,5 +1,6 @@
 """experiments/shapes_fae.py at its `:test` size through the train loop: the loss falls, a resume
-from a mid-run checkpoint continues exactly, and the report exports the FAE weights."""
+from a mid-run checkpoint continues exactly, and the report exports the FAE weights; the adapt
+phase (also of the paper-scale config) runs in a folder of its own."""
 
 from __future__ import annotations
 
@@ -57,3 +58,12 @@ def test_shapes_fae_trains_resumes_exactly_and_exports(data_dir, tmp_path):
     final = weights.read(resumed / "fae.safetensors")
     for k, v in exported.items():
         np.testing.assert_array_equal(final[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize("experiment", ["experiments/shapes_fae.py", "experiments/fae_dinov2g.py"])
+def test_adapt_phase_runs_in_its_own_folder(experiment):
+    # The CLI's default folder is runs/<experiment>: the adapt phase there would find the
+    # feature phase's checkpoints and resume them.
+    feature, adapt = load_config(experiment), load_config(experiment + ":adapt")
+    assert feature.run_dir == "" and adapt.run_dir.endswith("_adapt")
+    assert adapt.model.fae.init_from.startswith(adapt.run_dir.removesuffix("_adapt") + "/")
