@@ -142,6 +142,39 @@ def test_stage2_captioning_uses_the_chat_template(data_dir):
     assert lay.tokenizer.decode(laid.tokens[laid.text_target].tolist()) == caption[0]
 
 
+def test_vqa_questions_asks_fresh_questions_of_each_scene(data_dir):
+    c = cfg(data_dir, 2, weights=dict(caption=0.0, vqa=1.0), vqa_questions=5, shuffle=False)
+    docs = pipeline.stage_documents(c, "train")
+    records = pipeline.stage_documents(
+        cfg(data_dir, 2, weights=dict(caption=0.0, vqa=1.0), shuffle=False), "train"
+    )
+    asked: dict[str, set[str]] = {}
+    for i in range(48):  # 4 passes over the 12 records
+        doc = docs[i]
+        assert doc.id == records[i].id
+        assert doc.segments[0].kind == KIND_IMAGE and not doc.segments[0].target
+        np.testing.assert_array_equal(doc.segments[0].image, records[i].segments[0].image)
+        questions, answers = doc.segments[1::2], doc.segments[2::2]
+        assert len(questions) == len(answers) == 5
+        assert not any(q.target for q in questions) and all(a.target for a in answers)
+        assert len({q.text for q in questions}) == 5
+        objects = json.loads(doc.scene)["images"][0]["objects"]
+        for q, a in zip(questions, answers, strict=True):
+            words = q.text.rstrip("?").split()
+            if words[:4] == ["what", "color", "is", "the"] and len(words) == 5:
+                (obj,) = [o for o in objects if o["shape"] == words[4]]
+                assert a.text == obj["color"]
+            asked.setdefault(doc.id, set()).add(q.text)
+    # Each pass asks new questions: more distinct ones per record than one pass holds.
+    assert np.mean([len(v) > 5 for v in asked.values()]) > 0.5
+
+
+def test_vqa_questions_needs_a_scene():
+    doc = Document("r0", "vqa", (), scene="")
+    with pytest.raises(ValueError, match="vqa_questions"):
+        pipeline._vqa(doc, np.random.default_rng(0), dict(vqa_questions=2), "my/vqa")
+
+
 # --- determinism, resume, sharding -----------------------------------------------------------
 
 
