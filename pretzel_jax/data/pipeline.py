@@ -38,7 +38,7 @@ from tensorflow_datasets.core import read_only_builder
 from pretzel_jax.data import digits, formats, layout, schema
 from pretzel_jax.data.shapes.builder import PREPARERS as SHAPES_PREPARERS
 from pretzel_jax.data.shapes.scene import SceneSpec, cell_labels
-from pretzel_jax.data.shapes.tasks import ask_many
+from pretzel_jax.data.shapes.tasks import ask_many, qa_segments
 
 # name -> prepare(data_dir): builds that data set under data_dir (idempotent).
 DATASETS: dict[str, Callable[[str], None]] = {digits.NAME: digits.prepare, **SHAPES_PREPARERS}
@@ -528,11 +528,8 @@ def _vqa(doc: schema.Document, rng: np.random.Generator, data_cfg: dict, dataset
             f"of the record's scene, but it has no single shapes scene ({e!r}); set "
             "config.data.vqa_questions = 0 for data sets without one."
         ) from e
-    segments = [s for s in doc.segments if s.kind == schema.KIND_IMAGE]
-    for qa in ask_many(scene, rng, n):
-        segments.append(schema.Segment.of_text(qa.question, role=schema.ROLE_USER))
-        segments.append(schema.Segment.of_text(qa.answer, role=schema.ROLE_ASSISTANT, target=True))
-    return dataclasses.replace(doc, segments=tuple(segments))
+    images = [s for s in doc.segments if s.kind == schema.KIND_IMAGE]
+    return dataclasses.replace(doc, segments=(*images, *qa_segments(ask_many(scene, rng, n))))
 
 
 def _caption_text(doc: schema.Document, rng: np.random.Generator, data_cfg: dict, dataset: str):

@@ -172,6 +172,15 @@ def ask_many(scene: SceneSpec, rng: np.random.Generator, n: int) -> list[QA]:
     return out
 
 
+def qa_segments(qas: list[QA]) -> list[Segment]:
+    """Per question: the question (user), then its answer (assistant, target)."""
+    out = []
+    for qa in qas:
+        out.append(Segment.of_text(qa.question, role=ROLE_USER))
+        out.append(Segment.of_text(qa.answer, role=ROLE_ASSISTANT, target=True))
+    return out
+
+
 # ---- Edits -------------------------------------------------------------------------------------
 
 
@@ -309,10 +318,7 @@ def vqa_record(
     scene = _split_rules(heldout)[0](rng)
     qas = ask_many(scene, rng, num_questions)
     (image,) = _images([scene], rng, image_size)
-    segments = [Segment.of_image(image, role=ROLE_USER)]
-    for qa in qas:
-        segments.append(Segment.of_text(qa.question, role=ROLE_USER))
-        segments.append(Segment.of_text(qa.answer, role=ROLE_ASSISTANT, target=True))
+    segments = [Segment.of_image(image, role=ROLE_USER), *qa_segments(qas)]
     qa_json = [dataclasses.asdict(qa) for qa in qas]
     return schema.make_record(record_id, "vqa", segments, scene=_scene_json([scene], qa=qa_json))
 
