@@ -8,10 +8,10 @@ Each pass over the VQA records asks 6 fresh questions of each image's scene
 (`data.vqa_questions`; the records hold 3), and the tower's blocks stay as step 1 left them (its
 merger learns).
 
-Measured 2026-12-04 (report.json, 5000 steps; 37 min on the 2-core CPU, the last 15 shared with a
-CI run, 0.34 s/step alone): VQA 85.8% on the test split (colour 93, shape 88, count 82, position
-82, yes/no 83; scenes of 1 / 2 / 3 objects 96 / 85 / 74), 70.3% on the held-out compositional
-split, caption exact match 74.0% (14.0%).
+Measured 2026-12-04 (report.json, 5000 steps; 36 min for the whole command alone on the 2-core CPU,
+median 0.41 s/step, and a rerun gave the same report to the last digit): VQA 85.8% on the test split
+(colour 93, shape 88, count 82, position 82, yes/no 83; scenes of 1 / 2 / 3 objects 96 / 85 / 74),
+70.3% on the held-out compositional split, caption exact match 74.0% (14.0%).
 
 The earlier default (the records' 3 questions, 128-token rows, the whole tower trained) measured
 76.3%, 68.7%, 57.5% (21.0%). It had not learned to bind a question to its object in multi-object
