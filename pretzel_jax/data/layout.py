@@ -24,6 +24,11 @@ Truncation: a document longer than `seq_len`, or with more than `max_images` ima
 text may be cut anywhere but an image slot never is: the first image that does not fit is
 dropped with everything after it. `truncated_tokens` / `truncated_images` count what was lost.
 
+Branches (`Document.branches`): each branch is laid out as if it alone followed the document's
+segments; the branches share the longest token prefix they have in common (the image and the
+turn opening it) and their tails follow it in order, each with the positions, targets and
+`branch_ids` k it would have alone; branches that do not fit are dropped whole.
+
 Packing: documents go first-fit into sequences of `seq_len` tokens and `max_images` images;
 each sequence numbers its documents 1, 2, ... in `segment_ids` (0 = padding).
 
@@ -37,6 +42,9 @@ Packed arrays (one row per sequence; `S = seq_len`, `I = max_images`):
   modality         int32 (S,)    MODALITY_PAD / MODALITY_TEXT (any token, incl. vision start/end)
                                  / MODALITY_IMAGE (a latent slot)
   segment_ids      int32 (S,)    document number in this sequence, 0 for padding
+  branch_ids       int32 (S,)    0, or k for the k-th branch of a branched document: a token
+                                 of branch k attends to its document's branch-0 tokens and its
+                                 own branch only
   positions        int32 (S, 3)  M-RoPE (t, h, w) ids, restarting at 0 for each document; equal,
                                  per document, to `pretzel_jax.vlm.rope_index.rope_index` on that
                                  document's tokens and `image_grid_thw` rows
@@ -147,6 +155,7 @@ class LaidDocument:
     image_target: np.ndarray  # bool (k,)
     truncated_tokens: int
     truncated_images: int
+    branch: np.ndarray  # int32 (n,): 0 shared, k the k-th branch of a branched document
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -194,10 +203,14 @@ class Layout:
 
     def document(self, doc: Document) -> LaidDocument:
         """Lays out `doc` (chat template if any segment has a role), truncated to fit."""
+        if doc.branches:
+            return self._branched(doc)
+        return self._lay(self._pieces(doc), doc.id, self.config.seq_len)
+
+    def _lay(self, pieces, doc_id: str, tokens_left: int) -> LaidDocument:
         cfg = self.config
-        pieces = self._pieces(doc)
         kept = []
-        tokens_left, images_left = cfg.seq_len, cfg.images_per_sequence
+        images_left = cfg.images_per_sequence
         for piece in pieces:
             kind, ids, marks, payload = piece
             if kind == "image":
@@ -224,7 +237,7 @@ class Layout:
             if kind == "image":
                 image, target = payload
                 image_loss[start + 1 : start + 1 + cfg.latents_per_image] = target
-                images.append(self._resize(image, doc.id))
+                images.append(self._resize(image, doc_id))
                 image_target.append(target)
             start += len(ids)
         h, w = cfg.image_size
@@ -238,6 +251,65 @@ class Layout:
             image_target=np.array(image_target, np.bool_),
             truncated_tokens=int(truncated_tokens),
             truncated_images=int(truncated_images),
+            branch=np.zeros(len(tokens), np.int32),
+        )
+
+    def _branched(self, doc: Document) -> LaidDocument:
+        """`segments` + each branch laid out alone share their longest common prefix; the
+        branches' tails follow it in order (the k-th with branch id k), each with the positions
+        and targets it has alone. Branches that do not fit are dropped whole (counted as
+        truncated)."""
+        if any(not b or any(s.kind == KIND_IMAGE for s in b) for b in doc.branches):
+            raise ValueError(
+                f"record {doc.id!r}: a document branch must be non-empty text segments (images "
+                "belong in the shared segments)."
+            )
+        alone = [
+            self._lay(
+                self._pieces(dataclasses.replace(doc, segments=doc.segments + b)), doc.id, 1 << 30
+            )
+            for b in doc.branches
+        ]
+        shared = min(len(a) for a in alone)
+        for a in alone[1:]:
+            differ = np.flatnonzero(
+                (a.tokens[:shared] != alone[0].tokens[:shared])
+                | (a.text_target[:shared] != alone[0].text_target[:shared])
+            )
+            shared = int(differ[0]) if len(differ) else shared
+        # One position predicts the token after it, so the first token of a tail may not be a
+        # target (it would be predicted by the previous branch's last token): share less.
+        while shared and any(len(a) > shared and a.text_target[shared] for a in alone):
+            shared -= 1
+        tails = [np.arange(shared, len(a)) for a in alone]
+        if shared + len(tails[0]) > self.config.seq_len:  # not even the first branch fits
+            first = self._pieces(dataclasses.replace(doc, segments=doc.segments + doc.branches[0]))
+            laid = self._lay(first, doc.id, self.config.seq_len)
+            lost = sum(len(t) for t in tails[1:])
+            return dataclasses.replace(laid, truncated_tokens=laid.truncated_tokens + lost)
+        kept, used, lost = [], shared, 0
+        for k, (a, tail) in enumerate(zip(alone, tails), start=1):
+            if used + len(tail) <= self.config.seq_len:
+                kept.append((k, a, tail))
+                used += len(tail)
+            else:
+                lost += len(tail)
+        head = alone[0]
+
+        def join(field: str) -> np.ndarray:
+            parts = [getattr(head, field)[:shared]]
+            return np.concatenate(parts + [getattr(a, field)[tail] for _, a, tail in kept])
+
+        branch = np.concatenate(
+            [np.zeros(shared, np.int32)] + [np.full(len(tail), k, np.int32) for k, _, tail in kept]
+        )
+        return dataclasses.replace(
+            head,
+            **{
+                f: join(f) for f in ("tokens", "modality", "text_target", "image_loss", "positions")
+            },
+            truncated_tokens=lost,
+            branch=branch,
         )
 
     def _pieces(self, doc: Document) -> list[tuple[str, list[int], list[bool], Any]]:
@@ -362,6 +434,7 @@ class Layout:
             "image_loss_mask": np.zeros((n, s), np.bool_),
             "modality": np.full((n, s), MODALITY_PAD, np.int32),
             "segment_ids": np.zeros((n, s), np.int32),
+            "branch_ids": np.zeros((n, s), np.int32),
             "positions": np.zeros((n, s, 3), np.int32),
             "images": np.zeros((n, k, h, w, 3), np.uint8),
             "image_grid_thw": np.zeros((n, k, 3), np.int32),
@@ -381,6 +454,7 @@ class Layout:
                 out["image_loss_mask"][b, t:e] = doc.image_loss
                 out["modality"][b, t:e] = doc.modality
                 out["segment_ids"][b, t:e] = segment_id
+                out["branch_ids"][b, t:e] = doc.branch
                 out["positions"][b, t:e] = doc.positions
                 out["images"][b, i:j] = doc.images
                 out["image_grid_thw"][b, i:j] = cfg.grid_thw
@@ -395,8 +469,8 @@ class Layout:
 
 def unpack(packed: dict[str, np.ndarray], row: int) -> list[dict[str, np.ndarray]]:
     """Splits sequence `row` of packed arrays back into its documents, by segment id: per
-    document the per-token arrays (tokens, modality, positions, text_target, image_loss) and the
-    per-image arrays (images, image_target). Inverse of `Layout.pack` (tests, debugging)."""
+    document the per-token arrays (tokens, modality, positions, text_target, image_loss, branch)
+    and the per-image arrays (images, image_target). Inverse of `Layout.pack` (tests, debugging)."""
     seg = packed["segment_ids"][row]
     img_seg = packed["image_segment_ids"][row]
     docs = []
@@ -410,6 +484,7 @@ def unpack(packed: dict[str, np.ndarray], row: int) -> list[dict[str, np.ndarray
                 "tokens": packed["tokens"][row, at],
                 "modality": packed["modality"][row, at],
                 "positions": packed["positions"][row, at],
+                "branch": packed["branch_ids"][row, at],
                 "text_target": text_target,
                 "image_loss": packed["image_loss_mask"][row, at],
                 "images": packed["images"][row, images],

@@ -273,6 +273,8 @@ def stage_config(stage: int = 3, **overrides: Any) -> ml_collections.ConfigDict:
       caption_variants: t2i/caption recipes pick a caption uniformly from the record's scene
         JSON "captions" list (when there is one) instead of always the record's text.
       caption_prompt: user text after the image in the captioning recipe ("" = image only).
+      vqa_questions, vqa_branches: fresh questions per VQA image (`_vqa`); branched, each
+        question sees the image but not the other questions (stage-0 VLM only).
       pack_window: documents packed together; larger packs tighter, costs more per element.
       num_workers: worker processes (0 = this process). seed: all randomness. shuffle: shuffle
         "train" splits. drop_remainder: with num_epochs set, drop the last partial batch.
@@ -308,6 +310,7 @@ def stage_config(stage: int = 3, **overrides: Any) -> ml_collections.ConfigDict:
             caption_variants=True,
             caption_prompt="",
             vqa_questions=0,  # > 0: that many fresh questions per VQA image, asked of its scene
+            vqa_branches=False,  # True: each of those asked of the image alone (layout branches)
             pack_window=64,
             num_workers=0,
             seed=0,
@@ -448,6 +451,7 @@ def _recipe_options(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         caption_variants=bool(data_cfg.caption_variants),
         caption_prompt=str(data_cfg.caption_prompt),
         vqa_questions=int(data_cfg.vqa_questions),
+        vqa_branches=bool(data_cfg.vqa_branches),
     )
 
 
@@ -528,8 +532,11 @@ def _vqa(doc: schema.Document, rng: np.random.Generator, data_cfg: dict, dataset
             f"of the record's scene, but it has no single shapes scene ({e!r}); set "
             "config.data.vqa_questions = 0 for data sets without one."
         ) from e
-    images = [s for s in doc.segments if s.kind == schema.KIND_IMAGE]
-    return dataclasses.replace(doc, segments=(*images, *qa_segments(ask_many(scene, rng, n))))
+    images = tuple(s for s in doc.segments if s.kind == schema.KIND_IMAGE)
+    qa = qa_segments(ask_many(scene, rng, n))
+    if data_cfg["vqa_branches"]:  # each question asked of the image alone, as the report asks
+        return dataclasses.replace(doc, segments=images, branches=tuple(zip(qa[::2], qa[1::2])))
+    return dataclasses.replace(doc, segments=(*images, *qa))
 
 
 def _caption_text(doc: schema.Document, rng: np.random.Generator, data_cfg: dict, dataset: str):
@@ -572,6 +579,11 @@ def _check_stage_config(data_cfg: ml_collections.ConfigDict) -> None:
     if not 0.0 <= data_cfg.caption_dropout <= 1.0:
         raise ValueError(
             f"config.data.caption_dropout must be in [0, 1], got {data_cfg.caption_dropout}."
+        )
+    if data_cfg.vqa_branches and data_cfg.vqa_questions <= 0:
+        raise ValueError(
+            "config.data.vqa_branches branches the fresh questions; set config.data.vqa_questions "
+            "> 0 too."
         )
 
 

@@ -92,12 +92,17 @@ class Segment:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Document:
-    """A decoded record: `segments` in order, images inline."""
+    """A decoded record: `segments` in order, images inline.
+
+    `branches` (made by recipes, never stored in a record): text-only continuations of
+    `segments`, each laid out as if it alone followed them; one branch does not see another (the
+    layout's `branch_ids`), so k questions about one image cost one image slot, not k."""
 
     id: str
     task: str
     segments: tuple[Segment, ...]
     scene: str = ""
+    branches: tuple[tuple[Segment, ...], ...] = ()
 
     @property
     def images(self) -> list[np.ndarray]:

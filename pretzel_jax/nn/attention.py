@@ -68,9 +68,12 @@ def make_mask(
     q_segments: jax.Array | None = None,
     kv_segments: jax.Array | None = None,
     prefix_len: jax.Array | None = None,
+    q_branches: jax.Array | None = None,
+    kv_branches: jax.Array | None = None,
 ) -> jax.Array:
     """Boolean (B, T, S) mask: True where query t may attend to key s. Slots are (B, T)/(B, S)
-    or broadcastable (T,)/(S,)."""
+    or broadcastable (T,)/(S,). Branches (B, T)/(B, S): a key of branch k > 0 is seen only by
+    queries of branch k; branch 0 by all."""
     q = jnp.atleast_2d(q_slots)[:, :, None]
     k = jnp.atleast_2d(kv_slots)[:, None, :]
     mask = k <= q if causal else jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), bool)
@@ -78,6 +81,9 @@ def make_mask(
         mask = mask | (k < prefix_len[:, None, None])
     if q_segments is not None and kv_segments is not None:
         mask = mask & (q_segments[:, :, None] == kv_segments[:, None, :])
+    if q_branches is not None and kv_branches is not None:
+        kb = kv_branches[:, None, :]
+        mask = mask & ((kb == 0) | (kb == q_branches[:, :, None]))
     if kv_mask is not None:
         mask = mask & kv_mask[:, None, :]
     return mask

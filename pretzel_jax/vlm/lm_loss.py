@@ -66,11 +66,15 @@ def packed_lm_loss(
     segment_ids: jax.Array,
     positions: jax.Array,
     images: jax.Array,
+    branch_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token cross-entropy (nats) over `loss_mask`; attention stays inside each packed
-    document (`segment_ids`, 0 = padding). -> (loss, {"accuracy", "target_tokens"})."""
+    document (`segment_ids`, 0 = padding) and branch (`branch_ids`).
+    -> (loss, {"accuracy", "target_tokens"})."""
     embeds = packed_embeds(model, tokens, images)
-    hidden, _ = model.forward(embeds, positions, kv_mask=segment_ids > 0, segment_ids=segment_ids)
+    hidden, _ = model.forward(
+        embeds, positions, kv_mask=segment_ids > 0, segment_ids=segment_ids, branch_ids=branch_ids
+    )
     logits = model.logits(hidden)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     weight = loss_mask.astype(jnp.float32)
@@ -94,4 +98,5 @@ class PackedLM(Qwen25VL):
             batch["segment_ids"],
             batch["positions"],
             batch["images"],
+            batch.get("branch_ids"),
         )

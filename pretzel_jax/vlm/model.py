@@ -76,8 +76,16 @@ class Qwen25VL(nnx.Module):
         kv_mask: jax.Array | None = None,
         cache: KVCache | None = None,
         segment_ids: jax.Array | None = None,
+        branch_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        return self.text(embeds, positions, kv_mask=kv_mask, cache=cache, segment_ids=segment_ids)
+        return self.text(
+            embeds,
+            positions,
+            kv_mask=kv_mask,
+            cache=cache,
+            segment_ids=segment_ids,
+            branch_ids=branch_ids,
+        )
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.text.logits(hidden)

@@ -130,11 +130,13 @@ class TextDecoder(nnx.Module):
         kv_mask: jax.Array | None = None,
         cache: KVCache | None = None,
         segment_ids: jax.Array | None = None,
+        branch_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """embeds (B, L, D); positions (B, L, 3) [t, h, w] (or (B, L): the same on all axes);
         kv_mask (B, L) marks real (non-pad) tokens. With a cache the L tokens are written at
         cache.index and attend to everything cached before them. `segment_ids` (B, L), packed
-        training only (no cache): a token attends only inside its own document (same id).
+        training only (no cache): a token attends only inside its own document (same id), and
+        with `branch_ids` (B, L) (the layout's) only to branch 0 and its own branch.
         -> (final-normed hidden, cache)."""
         cfg = self.cfg
         if positions.ndim == 2:
@@ -152,7 +154,13 @@ class TextDecoder(nnx.Module):
                 raise ValueError("segment_ids are for packed training; decode without them")
             slots = jnp.arange(embeds.shape[1])
             mask = make_mask(
-                slots, slots, kv_mask=kv_mask, q_segments=segment_ids, kv_segments=segment_ids
+                slots,
+                slots,
+                kv_mask=kv_mask,
+                q_segments=segment_ids,
+                kv_segments=segment_ids,
+                q_branches=branch_ids,
+                kv_branches=branch_ids,
             )
         x, cache = self.layers(x, rope=rope, mask=mask, kv_mask=kv_mask, cache=cache)
         return self.norm(x), cache

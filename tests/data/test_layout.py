@@ -295,3 +295,66 @@ def test_random_documents_pack_whole_and_lossless(tok, config, docs):
             vision_start_token_id=layout.vision_start_id,
         )
         np.testing.assert_array_equal(doc["positions"], positions[0])
+
+
+# --- branched documents ----------------------------------------------------------------------
+
+
+@st.composite
+def branched(draw) -> Document:
+    """A chat document (an image and maybe a question) with 1-4 text branches."""
+    role = lambda: ROLE_USER if draw(st.booleans()) else ROLE_ASSISTANT  # noqa: E731
+    shared = [Segment.of_image(image(7), ROLE_USER)]
+    if draw(st.booleans()):
+        shared.append(Segment.of_text(draw(TEXT), ROLE_USER))
+    branches = []
+    for _ in range(draw(st.integers(1, 4))):
+        n = draw(st.integers(1, 3))
+        branches.append(
+            tuple(Segment.of_text(draw(TEXT), role(), draw(st.booleans())) for _ in range(n))
+        )
+    return Document("b:0", "vqa", tuple(shared), branches=tuple(branches))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=branched(), seq_len=st.integers(12, 80))
+def test_each_branch_is_laid_out_as_it_would_be_alone(tok, doc, seq_len):
+    layout = Layout(tok, small(seq_len, max_images=1))
+    laid = layout.document(doc)
+    packed = layout.pack([laid])
+    branch = packed["branch_ids"][0]
+    unbounded = Layout(tok, small(10_000, max_images=1))
+    alone = [unbounded.document(Document("b:0", "vqa", doc.segments + b)) for b in doc.branches]
+    shared = int((laid.branch == 0).sum())
+    kept = sorted(set(laid.branch[shared:].tolist()))
+    assert (laid.branch[:shared] == 0).all() and (np.diff(laid.branch) >= 0).all()
+    if kept:  # the branches that fit, each what it is alone (tokens, positions, loss targets)
+        assert len(laid) <= seq_len
+        for k in kept:
+            view = np.flatnonzero((branch == 0) & (packed["segment_ids"][0] > 0) | (branch == k))
+            one = alone[k - 1]
+            np.testing.assert_array_equal(packed["tokens"][0, view], one.tokens)
+            np.testing.assert_array_equal(packed["positions"][0, view], one.positions)
+            np.testing.assert_array_equal(
+                packed["text_loss_mask"][0, view][:-1], one.text_target[1:]
+            )
+            loss = packed["text_loss_mask"][0, view]
+            np.testing.assert_array_equal(
+                packed["targets"][0, view][loss], np.append(one.tokens[1:], 0)[loss]
+            )
+        dropped = sum(len(alone[k]) - shared for k in range(len(alone)) if k + 1 not in kept)
+        assert laid.truncated_tokens == dropped
+    else:  # not even one branch fits: the first one alone, truncated
+        np.testing.assert_array_equal(laid.tokens, alone[0].tokens[: len(laid)])
+    assert laid.images.shape[0] == 1  # the image slot is shared, never repeated
+
+
+def test_a_branch_may_hold_no_image(tok):
+    doc = Document(
+        "b:1",
+        "vqa",
+        (Segment.of_image(image(0), ROLE_USER),),
+        branches=((Segment.of_image(image(1), ROLE_USER),),),
+    )
+    with pytest.raises(ValueError, match="record 'b:1': a document branch"):
+        Layout(tok, small(64)).document(doc)

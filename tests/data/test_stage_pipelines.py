@@ -13,7 +13,7 @@ import pytest
 
 from pretzel_jax.data import pipeline
 from pretzel_jax.data.layout import MODALITY_PAD
-from pretzel_jax.data.schema import KIND_IMAGE, ROLE_NONE, Document
+from pretzel_jax.data.schema import KIND_IMAGE, ROLE_ASSISTANT, ROLE_NONE, ROLE_USER, Document
 from pretzel_jax.data.shapes import builder
 
 TINY = dict(
@@ -167,6 +167,23 @@ def test_vqa_questions_asks_fresh_questions_of_each_scene(data_dir):
             asked.setdefault(doc.id, set()).add(q.text)
     # Each pass asks new questions: more distinct ones per record than one pass holds.
     assert np.mean([len(v) > 5 for v in asked.values()]) > 0.5
+
+
+def test_vqa_branches_ask_each_question_of_the_image_alone(data_dir):
+    c = cfg(data_dir, 2, weights=dict(caption=0.0, vqa=1.0), vqa_questions=4, vqa_branches=True)
+    doc = pipeline.stage_documents(c, "train")[0]
+    assert [s.kind for s in doc.segments] == [KIND_IMAGE]
+    assert len(doc.branches) == 4
+    for question, answer in doc.branches:
+        assert question.role == ROLE_USER and not question.target
+        assert answer.role == ROLE_ASSISTANT and answer.target
+    batch = next(pipeline.make_stage_iterator(c, "train"))
+    for row in range(len(batch["tokens"])):  # every VQA document: 4 branches after its image
+        for segment in range(1, batch["segment_ids"][row].max() + 1):
+            branches = batch["branch_ids"][row][batch["segment_ids"][row] == segment]
+            assert sorted(set(branches.tolist())) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="set config.data.vqa_questions > 0"):
+        pipeline.make_stage_iterator(cfg(data_dir, 2, vqa_branches=True), "train")
 
 
 def test_vqa_questions_needs_a_scene():

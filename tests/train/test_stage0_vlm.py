@@ -1,6 +1,7 @@
 """Stage 0 (the toy VLM trained from scratch): the experiment's smoke size end to end through the
 CLI with a resume and the report; the packed loss learns; packed documents do not see each other."""
 
+import functools
 import json
 import math
 import shutil
@@ -14,6 +15,8 @@ from flax import nnx
 
 from pretzel_jax import models
 from pretzel_jax.data import make_stage_iterator, prepare_dataset
+from pretzel_jax.data.pipeline import make_layout
+from pretzel_jax.data.schema import ROLE_ASSISTANT, ROLE_USER, Document, Segment
 from pretzel_jax.train.__main__ import main
 from pretzel_jax.train.config import load_config
 from pretzel_jax.vlm import Qwen25VL, VisionConfig, VLMConfig, preprocess_images
@@ -114,6 +117,50 @@ def test_segment_mask_blocks_attention_across_documents():
     assert not np.allclose(plain[0, 3:7], plain[1, 3:7])
     # A packed document gives what it gives alone (its own positions from 0).
     np.testing.assert_allclose(packed[:1, 3:7], alone, atol=1e-5)
+
+
+def test_a_branched_question_gives_what_it_gives_alone(config):
+    """Each branch of a packed branched VQA document: the logits it has as its own document."""
+    image = Segment.of_image(
+        np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8), ROLE_USER
+    )
+    qa = [("what color is the circle ?", "red"), ("how many objects are there ?", "two")]
+    qa.append(("is there a blue square ?", "no"))
+    branches = tuple(
+        (Segment.of_text(q, ROLE_USER), Segment.of_text(a, ROLE_ASSISTANT, True)) for q, a in qa
+    )
+    data_cfg = config.data.copy_and_resolve_references()
+    data_cfg.seq_len = 128  # all three branches fit
+    layout = make_layout(data_cfg)
+    doc = Document("d", "vqa", (image,), branches=branches)
+    packed = layout.pack([layout.document(doc)])
+    assert set(packed["branch_ids"][0].tolist()) == {0, 1, 2, 3}
+    model = nnx.jit(lambda: models.build(config, rngs=nnx.Rngs(0)))()
+
+    @functools.partial(nnx.jit, static_argnames="branched")
+    def logits(model, batch, branched: bool):
+        embeds = packed_embeds(model, batch["tokens"], batch["images"])
+        hidden, _ = model.forward(
+            embeds,
+            batch["positions"],
+            kv_mask=batch["segment_ids"] > 0,
+            segment_ids=batch["segment_ids"],
+            branch_ids=batch["branch_ids"] if branched else None,
+        )
+        return model.logits(hidden)[0]
+
+    both = {k: jnp.asarray(v) for k, v in packed.items()}
+    branched, unbranched = logits(model, both, True), logits(model, both, False)
+    real = packed["segment_ids"][0] > 0
+    for k, branch in enumerate(branches, start=1):
+        alone = layout.pack([layout.document(Document("d", "vqa", (image, *branch)))])
+        want = logits(model, {key: jnp.asarray(v) for key, v in alone.items()}, True)
+        view = np.flatnonzero(
+            real & ((packed["branch_ids"][0] == 0) | (packed["branch_ids"][0] == k))
+        )
+        np.testing.assert_allclose(branched[view], want[: len(view)], atol=1e-5)
+        if k > 1:  # without branch ids, a later question sees the earlier ones
+            assert np.abs(unbranched[view] - want[: len(view)]).max() > 1e-2
 
 
 def test_patchify_in_the_loss_equals_preprocess_images(config):
