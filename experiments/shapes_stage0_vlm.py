@@ -50,8 +50,9 @@ def get_config(arg: str | None = None):
         data_dir="data_cache",
         batch_size=8,
         eval_batch_size=8,
-        seq_len=192,  # one image document (66 tokens per image slot) + text documents per row
-        vqa_questions=6,  # fresh questions per image each pass (the records hold 3); see above
+        seq_len=256,  # one image document (66 tokens per image slot) + text documents per row
+        vqa_questions=12,  # fresh questions per image each pass (the records hold 3); see above
+        vqa_branches=True,  # each asked of the image alone, as the report asks
         max_images=1,
         spatial_merge_size=1,  # the tower's (4 px patches, no merge)
     )
@@ -68,7 +69,7 @@ def get_config(arg: str | None = None):
     c.optim.weight_decay = 0.01
     c.optim.grad_clip = 1.0
 
-    c.train.steps = 5000
+    c.train.steps = 1500
     c.train.log_every = 50
     c.train.eval_every = 0
     c.train.ckpt_every = 500

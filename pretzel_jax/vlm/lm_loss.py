@@ -66,7 +66,7 @@ def packed_lm_loss(
     segment_ids: jax.Array,
     positions: jax.Array,
     images: jax.Array,
-    branch_ids: jax.Array | None = None,
+    branch_ids: jax.Array,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token cross-entropy (nats) over `loss_mask`; attention stays inside each packed
     document (`segment_ids`, 0 = padding) and branch (`branch_ids`).
@@ -98,5 +98,5 @@ class PackedLM(Qwen25VL):
             batch["segment_ids"],
             batch["positions"],
             batch["images"],
-            batch.get("branch_ids"),
+            batch["branch_ids"],
         )

@@ -72,6 +72,7 @@ def test_batches_have_fixed_shapes_and_stage_content(data_dir, stage):
             "image_loss_mask": ((4, 256), "bool"),
             "modality": ((4, 256), "int32"),
             "segment_ids": ((4, 256), "int32"),
+            "branch_ids": ((4, 256), "int32"),
             "positions": ((4, 256, 3), "int32"),
             "images": ((4, images, 32, 32, 3), "uint8"),
             "image_grid_thw": ((4, images, 3), "int32"),
