@@ -5,22 +5,22 @@
     python -m pretzel_jax.train --config experiments/shapes_fae.py:adapt  # runs/shapes_fae_adapt
 
 The encoder is the Qwen2.5-VL vision tower (before its merger) of the stage-0 VLM's Hugging Face
-export, `runs/shapes_stage0_vlm/hf` (experiments/shapes_stage0_vlm.py writes it). While that
-folder is absent the run logs a warning and uses a RANDOMLY INITIALISED, FROZEN tower of the same
-shape (`model.fae.encoder.if_missing = "random"`); set `if_missing=error` to forbid that.
-Only the tower's first block runs (`encoder.layers=1`): its 4 px patch features (8x8x128) become
-8x8xC latents, and the feature decoder learns on latents noised at sigma_a (`latent_noise`).
-Measured 2026-12-04 after both phases, the judge's scene accuracy on clean / noisy reconstructions
-of 1024 fresh renders (originals 100%), on the tower of the stage-0 VLM that scored 85.8% (whose
-patch embedding and blocks are the step-1 tower's, frozen): 99.2% / 98.6%, PSNR 32.2 / 31.3 dB
-(held-out compositional split 98.8% / 96.9%, 31.8 / 30.9 dB); normalised latent variance per
-channel 0.97-1.02. On 2026-11-23, on the tower of the 71.8% VLM (pretrained on pooled cell labels
-only, then trained through 5000 VLM steps): 98.8% / 95.5%, PSNR 31.2 / 30.3 dB (held-out 98.8% /
-96.1%). Earlier, on a random-tower VLM's after 10000 steps, 800 adapt steps, 512 renders
-(originals 99.8%): all 4 blocks 56% / 43%; the first block 77% / 62%; plus the latent noise 76% /
-68%. The linear-probe PSNR of each patch's pixels from block 1 (own patch, one ridge fit per block
-on 1000 renders) is 30.9 dB for the 71.8% VLM's tower and 28.0 dB for the random one's (block 4:
-23.7 / 23.6 dB).
+export, `runs/shapes_stage0_vlm/hf` (experiments/shapes_stage0_vlm.py writes it). While that folder
+is absent the run logs a warning and uses a RANDOMLY INITIALISED, FROZEN tower of the same shape
+(`model.fae.encoder.if_missing = "random"`); set `if_missing=error` to forbid that. Only the tower's
+first block runs (`encoder.layers=1`): its 4 px patch features (8x8x128) become 8x8xC latents, and
+the feature decoder learns on latents noised at sigma_a (`latent_noise`). Measured 2026-12-04 after
+both phases, the judge's scene accuracy on clean / noisy reconstructions of 1024 fresh renders
+(originals 100%), on the tower of the stage-0 VLM that scored 85.8% (whose patch embedding and
+blocks are the step-1 tower's, frozen, as in the current 85.5% default's: the two towers are
+identical but for the merger, which the FAE does not use): 99.2% / 98.6%, PSNR 32.2 / 31.3 dB
+(held-out compositional split 98.8% / 96.9%, 31.8 / 30.9 dB); normalised latent variance per channel
+0.97-1.02. On 2026-11-23, on the tower of the 71.8% VLM (pretrained on pooled cell labels only, then
+trained through 5000 VLM steps): 98.8% / 95.5%, PSNR 31.2 / 30.3 dB (held-out 98.8% / 96.1%).
+Earlier, on a random-tower VLM's after 10000 steps, 800 adapt steps, 512 renders (originals 99.8%):
+all 4 blocks 56% / 43%; the first block 77% / 62%; plus the latent noise 76% / 68%. The linear-probe
+PSNR of each patch's pixels from block 1 (own patch, one ridge fit per block on 1000 renders) is
+30.9 dB for the 71.8% VLM's tower and 28.0 dB for the random one's (block 4: 23.7 / 23.6 dB).
 
 Phase "feature" ends by computing the latent normalisation statistics on training images and
 writing `runs/shapes_fae/fae.safetensors`; phase "pixel_adapt" starts from that file. Each run's
