@@ -1,5 +1,6 @@
 """Stage 0 (the toy VLM trained from scratch): the experiment's smoke size end to end through the
-CLI with a resume and the report; the packed loss learns; packed documents do not see each other."""
+CLI with a resume and the report; the packed loss learns; packed documents, and the branches of one
+document, do not see each other."""
 
 import functools
 import json
