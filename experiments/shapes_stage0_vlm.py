@@ -1,26 +1,31 @@
 """Stage 0 at toy scale, step 2 of 2: the Qwen2.5-VL architecture (4 layers, 128 wide, GQA 4/2,
-M-RoPE with theta 1e4; a 4-block vision tower, 4 px patches, no merge: a 32 px image is 8x8 = 64
-tokens), its tower started from step 1 (`experiments/shapes_stage0_tower.py`, `model.vision_init`),
-trained with next-token loss on shapes captioning, VQA and text-only captions, packed 256 tokens
-per row.
+M-RoPE with theta 1e4; a 4-block vision tower on 4 px patches, merged 2x2: a 32 px image is 4x4 =
+16 tokens), its tower's blocks started from step 1 (`experiments/shapes_stage0_tower.py`,
+`model.vision_init`; step 1 trains them on 8x8 unmerged tokens, the merger here starts fresh),
+trained with next-token loss on shapes captioning, VQA and text-only captions, packed 224 tokens
+and up to 2 images per row.
 
 Each pass over the VQA records asks 12 fresh questions of each image's scene
 (`data.vqa_questions`; the records hold 3), each asked of the image alone (`data.vqa_branches`:
-the questions share the image's 66-token slot, and none sees another, as in the report and in
+the questions share the image's 18-token slot, and none sees another, as in the report and in
 chat), and the tower's blocks stay as step 1 left them (its merger learns).
 
-Measured 2026-12-05 (report.json, 1500 steps; 21 min 6 s for the whole command alone on the 2-core
-CPU, median 0.79 s/step; greedy decoding on 200 records per split): VQA 85.5% on the test split
-(colour 89, shape 92, count 92, position 76, yes/no 79; scenes of 1 / 2 / 3 objects 96 / 84 / 74),
-71.7% on the held-out compositional split, caption exact match 51.0% (5.0%).
+Measured 2026-12-05 (report.json, 1500 steps; 15 min 16 s for the whole command alone on the 2-core
+CPU, median 0.56 s/step; greedy decoding on 200 records per split): VQA 89.5% on the test split
+(colour 82, shape 98, count 98, position 76, yes/no 92; scenes of 1 / 2 / 3 objects 100 / 87 / 79),
+70.7% on the held-out compositional split, caption exact match 46.5% (6.5%). The standalone step
+takes 0.38 s: about 0.075 s per batch of host data work shares the 2 cores with it in the loop.
 
-The previous default (6 unbranched questions, each after the earlier ones, in 192-token rows, 5000
-steps: 36 min 10 s, median 0.41 s/step) measured 85.8%, 70.3%, 74.0% (14.0%): as accurate on VQA
-in 1.7x the time, and better on captions, which this default sees 3.3x less often. 1500-step A/Bs
-(greedy VQA on the first 100 test records): 12 branched questions in 256-token rows 87%; 6 branched
-in 192, 75%; unbranched, 6 in 192 78% and 12 in 256 73% (at a lower training loss: only the first
-question of each image was asked as the report asks it). 1000 steps (200 records): 12 branched in
-256, 76.0%; 16 in 288, 80.5%.
+The previous default (no merge: 66-token image slots, one image per 256-token row; a third of each
+row was padding) measured 85.5%, 71.7%, 51.0% (5.0%) in 21 min 6 s (median 0.79 s/step, layer
+scans not unrolled). 1500-step A/Bs on the first 100 test records: that default 87.3%, this one
+90.3% (1000 steps: 80.0%; 700: 77.3%; 1200 steps at lr 1e-3: 84.7%). Per step this default asks 96
+questions in 1792 tokens, that one 64 in 2048, at 0.38 against 0.42 s/step (both unrolled).
+Before that: 6 unbranched questions, each after the earlier ones, in 192-token rows, 5000 steps
+(36 min 10 s): 85.8%, 70.3%, 74.0% (14.0%). 1500-step A/Bs (first 100 test records, no merge): 12
+branched questions in 256-token rows 87%; 6 branched in 192, 75%; unbranched, 6 in 192 78% and 12
+in 256 73% (at a lower training loss: only the first question of each image was asked as the
+report asks it).
 
 The default before those (the records' 3 questions, 128-token rows, the whole tower trained)
 measured 76.3%, 68.7%, 57.5% (21.0%). It had not learned to bind a question to its object in
@@ -57,14 +62,19 @@ def get_config(arg: str | None = None):
         data_dir="data_cache",
         batch_size=8,
         eval_batch_size=8,
-        seq_len=256,  # one image document (66 tokens per image slot) + text documents per row
+        seq_len=224,  # two image documents (18 tokens per image slot) + text per row
         vqa_questions=12,  # fresh questions per image each pass (the records hold 3); see above
         vqa_branches=True,  # each asked of the image alone, as the report asks
-        max_images=1,
-        spatial_merge_size=1,  # the tower's (4 px patches, no merge)
+        max_images=2,
+        spatial_merge_size=2,  # 2x2 patches per image token: a 32 px image is 4x4 tokens
+        latent_grid=(4, 4),
     )
     c.model.kind = "vlm"  # sizes: pretzel_jax.models.default_vlm_config
+    c.model.vlm.vision.spatial_merge_size = 2
+    # The tower's patch embedding and blocks come from step 1 (trained on 8x8 unmerged tokens);
+    # the merger, 2x2 tokens wide here, starts fresh.
     c.model.vision_init = "runs/shapes_stage0_tower/tower.safetensors"
+    c.model.vision_init_merger = False
     # The pretrained tower's blocks stay as they are (its merger learns): training them blurred
     # their per-token labels (linear probe 99.8 -> 95.6% shape) for no VQA gain, at 0.47 against
     # 0.34 s/step.

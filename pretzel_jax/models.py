@@ -40,8 +40,10 @@ def default_model_config() -> ml_collections.ConfigDict:
             # kind "tower_pretrain": the model.vlm.vision tower with dense-label heads
             # (pretzel_jax.vlm.tower_pretrain), on `image_size` images of the shapes family.
             "tower_pretrain": _default_tower_pretrain_config(),
-            # kind "vlm": start the vision tower from this tower.safetensors ("" = random).
+            # kind "vlm": start the vision tower from this tower.safetensors ("" = random); its
+            # merger too unless `vision_init_merger` is False (the VLM merges differently).
             "vision_init": "",
+            "vision_init_merger": True,
             # End-of-run report (ImageFlow): CFG sample grid and held-out bits/dim.
             # (vlm): greedy VQA and captions on `vqa_records`/`caption_records` records of the
             # test and heldout splits; `export_hf` also writes the run dir's hf/ folder.
@@ -91,6 +93,7 @@ def default_vlm_config() -> dict:
         mrope_section=(4, 6, 6),  # head_dim 32 / 2, Qwen's 2:3:3 split
         rope_theta=10_000.0,  # rows of <= 128 tokens: Qwen's 1e6 leaves the h/w sections ~flat
         tie_word_embeddings=True,
+        unroll_layers=True,  # 4 layers: 0.87x the scanned step time (2-core CPU A/B)
     )
     vision = _defaults(VisionConfig) | dict(
         depth=4,
@@ -106,6 +109,7 @@ def default_vlm_config() -> dict:
         window_size=16,  # 4x4-patch windows
         fullatt_block_indexes=(1, 3),
         out_hidden_size=0,  # 0 = text hidden_size
+        unroll_layers=True,
     )
     return dict(
         text=text,
@@ -180,7 +184,11 @@ def build(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
         model = PackedLM(cfg, rngs=rngs)
         if config.model.vision_init:
             try:
-                load_tower(model.vision, config.model.vision_init)
+                load_tower(
+                    model.vision,
+                    config.model.vision_init,
+                    merger=config.model.vision_init_merger,
+                )
             except ValueError as e:
                 raise ConfigError(f"model.vision_init: {e}") from e
         return model

@@ -98,12 +98,13 @@ def dot_product_attention(
     kvh = k.shape[2]
     q = q.reshape(b, t, kvh, h // kvh, d)
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    m = mask[:, None, None, :, :]
-    logits = jnp.where(m, logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = jnp.where(m, probs, 0.0).astype(v.dtype)
+    logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    # NEG_INF is finite, so a query with no visible key gets the mean of v; zero it on the
+    # (B,T) output rather than the (B,H,T,S) probabilities (a masked key's prob is exactly 0).
+    seen = jnp.any(mask, axis=-1)[:, :, None, None, None]
+    return jnp.where(seen, out, 0).reshape(b, t, h, d)
 
 
 class Attention(nnx.Module):

@@ -41,6 +41,7 @@ class TextConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"
+    unroll_layers: bool = False  # see TransformerConfig
 
     def __post_init__(self):
         object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
@@ -84,6 +85,7 @@ class TextConfig:
             mlp_bias=False,
             rope_interleaved=False,
             remat=self.remat,
+            unroll_layers=self.unroll_layers,
             param_dtype=self.param_dtype,
             compute_dtype=self.compute_dtype,
         )

@@ -161,14 +161,19 @@ def save_tower(tower: VisionTower, path: str | Path) -> Path:
     return param_file.save(tower, path, TOWER_FORMAT)
 
 
-def load_tower(tower: VisionTower, path: str | Path) -> None:
+def load_tower(tower: VisionTower, path: str | Path, *, merger: bool = True) -> None:
     """Sets `tower`'s weights from a `save_tower` file; one clear error if it is missing,
-    corrupt or of other sizes."""
+    corrupt or of other sizes. `merger=False` sets the patch embedding and blocks only and leaves
+    the merger as it is (a VLM that merges more patches per token than the pretrained tower)."""
     hint = (
         "train it with experiments/shapes_stage0_tower.py (the run folder holds "
         "tower.safetensors) or set model.vision_init='' to start from random weights"
     )
     tensors = param_file.read(path, TOWER_FORMAT, _WHAT, hint)
-    param_file.load_into(
-        tower, tensors, path, _WHAT, "model.vlm.vision must be the sizes the tower was trained with"
-    )
+    fix = "model.vlm.vision must be the sizes the tower was trained with"
+    if merger:
+        param_file.load_into(tower, tensors, path, _WHAT, fix)
+        return
+    for name in ("patch_embed", "blocks"):
+        part = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(name + "/")}
+        param_file.load_into(getattr(tower, name), part, path, f"{_WHAT} ({name})", fix)

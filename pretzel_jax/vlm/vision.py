@@ -51,6 +51,7 @@ class VisionConfig:
     rms_norm_eps: float = 1e-6
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
+    unroll_layers: bool = False  # see nn.TransformerConfig
 
     def __post_init__(self):
         object.__setattr__(self, "fullatt_block_indexes", tuple(self.fullatt_block_indexes))
@@ -351,5 +352,5 @@ class VisionTower(nnx.Module):
             return nnx.merge(graphdef, block_state)(h, rope, lay, full), None
 
         is_full = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
-        x, _ = jax.lax.scan(body, x, (state, jnp.asarray(is_full)))
+        x, _ = jax.lax.scan(body, x, (state, jnp.asarray(is_full)), unroll=cfg.unroll_layers)
         return x, lay

@@ -38,6 +38,10 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
         q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), mask, 8**-0.5
     )
     np.testing.assert_allclose(gqa, mha, atol=1e-6)
+    # A query that sees no key (a padding row) gets zeros, not the mean of v or NaN.
+    blind = dot_product_attention(q, k, v, mask.at[1, 2].set(False), 8**-0.5)
+    np.testing.assert_array_equal(blind[1, 2], 0.0)
+    np.testing.assert_allclose(blind[0], gqa[0], atol=1e-6)
 
 
 def test_masks_causal_segments_prefix_and_padding():
@@ -127,11 +131,11 @@ def test_rmsnorm_unit_offset_starts_as_plain_normalisation():
     np.testing.assert_allclose(y, x / jnp.sqrt(jnp.mean(x**2, -1, keepdims=True) + 1e-6), rtol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
-def test_remat_changes_nothing_but_memory(policy):
+@pytest.mark.parametrize("change", [{"remat": "full"}, {"remat": "dots"}, {"unroll_layers": True}])
+def test_remat_and_unrolling_change_nothing_but_memory_and_speed(change):
     x = jax.random.normal(jax.random.key(1), (2, 6, 32))
     plain = LayerStack(CFG, 2, rngs=nnx.Rngs(0))
-    remat = LayerStack(TransformerConfig(**{**CFG.__dict__, "remat": policy}), 2, rngs=nnx.Rngs(0))
+    remat = LayerStack(TransformerConfig(**{**CFG.__dict__, **change}), 2, rngs=nnx.Rngs(0))
 
     def loss(stack):
         return jnp.sum(stack(x)[0] ** 2)

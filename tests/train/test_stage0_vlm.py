@@ -216,7 +216,7 @@ def test_image_features_land_on_their_own_rows_tokens():
 def test_data_that_disagrees_with_the_vision_tower_is_refused(data_dir):
     config = load_config(
         EXPERIMENT + ":test",
-        overrides=[f"data.data_dir={data_dir}", "data.spatial_merge_size=2"],
+        overrides=[f"data.data_dir={data_dir}", "data.spatial_merge_size=1"],
     )
-    with pytest.raises(ValueError, match=r"set data.spatial_merge_size=1 and data.image_size"):
+    with pytest.raises(ValueError, match=r"set data.spatial_merge_size=2 and data.image_size"):
         models.build(config, rngs=nnx.Rngs(0))

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from pretzel_jax.nn import param_file
-from pretzel_jax.vlm import VisionConfig
+from pretzel_jax.vlm import VisionConfig, VisionTower
 from pretzel_jax.vlm.tower_pretrain import (
     TowerPretrain,
     TowerPretrainConfig,
@@ -143,6 +143,20 @@ def test_tower_file_round_trips_and_bad_files_say_what_to_do(tmp_path):
     corrupt.write_bytes(path.read_bytes()[:100])
     with pytest.raises(param_file.ParamFileError, match=r"truncated or corrupt"):
         load_tower(other.tower, corrupt)
+    # A VLM that merges 2x2 patches takes the blocks and keeps its own (wider) merger.
+    merging = VisionTower(
+        dataclasses.replace(VISION, spatial_merge_size=2, window_size=32), rngs=nnx.Rngs(2)
+    )
+    merger0 = param_file.flat_params(merging.merger)
+    with pytest.raises(param_file.ParamFileError, match=r"shape mismatches.*merger"):
+        load_tower(merging, path)
+    load_tower(merging, path, merger=False)
+    got = param_file.flat_params(merging)
+    for k in want:
+        if k.startswith("merger/"):
+            np.testing.assert_array_equal(got[k], merger0[k.split("/", 1)[1]])
+        else:
+            np.testing.assert_array_equal(got[k], want[k])
     wide = VisionConfig(**{**VISION.__dict__, "hidden_size": 32, "intermediate_size": 64})
     bigger = nnx.jit(lambda: TowerPretrain(TowerPretrainConfig(wide), rngs=nnx.Rngs(0)))()
     with pytest.raises(param_file.ParamFileError, match=r"shape mismatches.*model.vlm.vision"):

@@ -60,6 +60,11 @@ def test_matches_transformers(models, grid):
         full_graphdef = nnx.graphdef(nnx.eval_shape(lambda: VisionTower(full, rngs=nnx.Rngs(0))))
         all_full = run(full_graphdef, state, jnp.asarray(pv), grid)
         assert np.abs(np.asarray(all_full) - want).max() > 1e-3
+        # Unrolling the block scan (the toy VLM's setting) computes the same tower.
+        flat = dataclasses.replace(tower.cfg, unroll_layers=True)
+        flat_graphdef = nnx.graphdef(nnx.eval_shape(lambda: VisionTower(flat, rngs=nnx.Rngs(0))))
+        unrolled = run(flat_graphdef, state, jnp.asarray(pv), grid)
+        np.testing.assert_allclose(np.asarray(unrolled), want, atol=1e-4, rtol=0)
 
 
 def test_window_layout_segments():
