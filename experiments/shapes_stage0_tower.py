@@ -13,6 +13,7 @@ colour, 100% size; tokens 99.8%, 99.97%, 100% and 100% row and column; held-out 
 cells 92.0%, 98.4%, 99.1%, tokens 91.7%, 96.7%, 99.0%, 99.9%. With pooled cell labels alone
 (`--config.model.tower_pretrain.token_cell_weight=0`; 6.7 min alone): cells 99.9%, 100%, 100%,
 tokens 100% row and column; held-out 90.6%, 96.5%, 100%, 99.99%.
+500 steps instead of 1000 (token shapes 96.4%) leave the default VLM at 85.3% VQA instead of 89.5%.
 
     python -m pretzel_jax.data.prepare --name shapes_cells --data_dir data_cache
     python -m pretzel_jax.train --config experiments/shapes_stage0_tower.py \\
