@@ -93,7 +93,7 @@ def default_vlm_config() -> dict:
         mrope_section=(4, 6, 6),  # head_dim 32 / 2, Qwen's 2:3:3 split
         rope_theta=10_000.0,  # rows of <= 128 tokens: Qwen's 1e6 leaves the h/w sections ~flat
         tie_word_embeddings=True,
-        unroll_layers=True,  # 4 layers: 0.87x the scanned step time (2-core CPU A/B)
+        unroll_layers=True,  # 4 layers: scanned steps take 1.13x as long (README benchmark 8)
     )
     vision = _defaults(VisionConfig) | dict(
         depth=4,
