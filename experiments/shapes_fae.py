@@ -12,7 +12,7 @@ first block runs (`encoder.layers=1`): its 4 px patch features (8x8x128) become 
 the feature decoder learns on latents noised at sigma_a (`latent_noise`). Measured 2026-12-04 after
 both phases, the judge's scene accuracy on clean / noisy reconstructions of 1024 fresh renders
 (originals 100%), on the tower of the stage-0 VLM that scored 85.8% (whose patch embedding and
-blocks are the step-1 tower's, frozen, as in the current 89.5% default's: the towers differ only
+blocks are the step-1 tower's, frozen, as in the current 90.5% default's: the towers differ only
 in the merger, which the FAE does not use; the default merges 2x2, and the patch features of the
 same blocks merged or not agree within 6e-6): 99.2% / 98.6%, PSNR 32.2 / 31.3 dB
 (held-out compositional split 98.8% / 96.9%, 31.8 / 30.9 dB); normalised latent variance per channel

@@ -6,14 +6,14 @@ column. The tower learned only through the next-token loss sees shapes poorly an
 nothing of where a token is; with this step the stage-0 VLM's VQA accuracy after 5000 steps goes
 from 60.8% (random tower) to 71.8% with pooled cell labels alone and 76.3% with per-token ones too
 (the records' questions, tower trained on; with fresh questions and its blocks frozen, 85.8% after
-5000 steps, 89.5% after 1500 with branched questions on 2x2-merged tokens: see that file). Measured
-2026-12-04 (report.json, 1000 steps; 7 min 50 s for the whole command alone on the 2-core CPU on
-2026-12-05, the same weights to the bit as the scanned layers' run): test cells 99.9% shape, 100%
-colour, 100% size; tokens 99.8%, 99.97%, 100% and 100% row and column; held-out compositional split
-cells 92.0%, 98.4%, 99.1%, tokens 91.7%, 96.7%, 99.0%, 99.9%. With pooled cell labels alone
-(`--config.model.tower_pretrain.token_cell_weight=0`; 6.7 min alone): cells 99.9%, 100%, 100%,
-tokens 100% row and column; held-out 90.6%, 96.5%, 100%, 99.99%.
-500 steps instead of 1000 (token shapes 96.4%) leave the default VLM at 85.3% VQA instead of 89.5%.
+5000 steps, 90.5% after 1500 with branched questions on 2x2-merged tokens: see that file). Measured
+2026-12-04 (report.json, 1000 steps; 5 min 5 s for the whole command alone on the 2-core CPU on
+2026-12-05, median 0.28 s/step; the same weights to the bit as the scanned layers' run): test cells
+99.9% shape, 100% colour, 100% size; tokens 99.8%, 99.97%, 100% and 100% row and column; held-out
+compositional split cells 92.0%, 98.4%, 99.1%, tokens 91.7%, 96.7%, 99.0%, 99.9%. With pooled cell
+labels alone (`--config.model.tower_pretrain.token_cell_weight=0`; 6.7 min alone): cells 99.9%,
+100%, 100%, tokens 100% row and column; held-out 90.6%, 96.5%, 100%, 99.99%.
+500 steps instead of 1000 (token shapes 96.4%) left the 4-layer VLM at 85.3% VQA instead of 89.5%.
 
     python -m pretzel_jax.data.prepare --name shapes_cells --data_dir data_cache
     python -m pretzel_jax.train --config experiments/shapes_stage0_tower.py \\

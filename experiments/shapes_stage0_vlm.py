@@ -1,4 +1,4 @@
-"""Stage 0 at toy scale, step 2 of 2: the Qwen2.5-VL architecture (4 layers, 128 wide, GQA 4/2,
+"""Stage 0 at toy scale, step 2 of 2: the Qwen2.5-VL architecture (2 layers, 128 wide, GQA 4/2,
 M-RoPE with theta 1e4; a 4-block vision tower on 4 px patches, merged 2x2: a 32 px image is 4x4 =
 16 tokens), its tower's blocks started from step 1 (`experiments/shapes_stage0_tower.py`,
 `model.vision_init`; step 1 trains them on 8x8 unmerged tokens, the merger here starts fresh),
@@ -10,17 +10,25 @@ Each pass over the VQA records asks 12 fresh questions of each image's scene
 the questions share the image's 18-token slot, and none sees another, as in the report and in
 chat), and the tower's blocks stay as step 1 left them (its merger learns).
 
-Measured 2026-12-05 (report.json, 1500 steps; 15 min 16 s for the whole command alone on the 2-core
-CPU, median 0.56 s/step; greedy decoding on 200 records per split): VQA 89.5% on the test split
-(colour 82, shape 98, count 98, position 76, yes/no 92; scenes of 1 / 2 / 3 objects 100 / 87 / 79),
-70.7% on the held-out compositional split, caption exact match 46.5% (6.5%). The standalone step
-takes 0.38 s: about 0.075 s per batch of host data work shares the 2 cores with it in the loop.
+Measured 2026-12-05 (report.json, 1500 steps; 6 min 50 s for the whole command alone on the 2-core
+CPU, median 0.236 s/step; greedy decoding on 200 records per split): VQA 90.5% on the test split
+(colour 90, shape 95, count 97, position 74, yes/no 96; scenes of 1 / 2 / 3 objects 100 / 88 / 82),
+71.0% on the held-out compositional split, caption exact match 45.0% (9.5%). The standalone step
+takes 0.21-0.24 s (6.7 GFLOP): about 0.07 s per batch of host data work shares the 2 cores with it.
 
-The previous default (no merge: 66-token image slots, one image per 256-token row; a third of each
-row was padding) measured 85.5%, 71.7%, 51.0% (5.0%) in 21 min 6 s (median 0.79 s/step, layer
-scans not unrolled). 1500-step A/Bs on the first 100 test records: that default 87.3%, this one
-90.3% (1000 steps: 80.0%; 700: 77.3%; 1200 steps at lr 1e-3: 84.7%). Per step this default asks 96
-questions in 1792 tokens, that one 64 in 2048, at 0.38 against 0.42 s/step (both unrolled).
+The same with 4 text layers (the previous default; 11.2 GFLOP, 0.37 s standalone) measured 89.5%
+(colour 82, shape 98, count 98, position 76, yes/no 92), 70.7%, 46.5% (6.5%) in 15 min 16 s on a
+busier machine. 1500-step A/Bs on the first 100 test records, each run on one core beside another:
+2 layers 91.0% (1000 steps: 85.0%, at lr 1e-3 88.3%), 3 layers 86.3%, 4 layers 90.3%; 2 layers
+on a 2-block tower (step 1 with `vision.depth=2`, `fullatt_block_indexes=(1,)`; token shape labels
+95.3%) 88.3%, and on a 2-block tower trained at batch 16 (92.9%) 79.7%.
+
+The default before (4 layers, no merge: 66-token image slots, one image per 256-token row; a
+third of each row was padding) measured 85.5%, 71.7%, 51.0% (5.0%) in 21 min 6 s (median 0.79
+s/step, layer scans not unrolled). 1500-step A/Bs on the first 100 test records: that default
+87.3%, merged 4-layer 90.3% (1000 steps: 80.0%; 700: 77.3%; 1200 steps at lr 1e-3: 84.7%). Per
+step merged rows ask 96 questions in 1792 tokens, unmerged ones 64 in 2048, at 0.38 against 0.42
+s/step (4 layers, both unrolled).
 Before that: 6 unbranched questions, each after the earlier ones, in 192-token rows, 5000 steps
 (36 min 10 s): 85.8%, 70.3%, 74.0% (14.0%). 1500-step A/Bs (first 100 test records, no merge): 12
 branched questions in 256-token rows 87%; 6 branched in 192, 75%; unbranched, 6 in 192 78% and 12

@@ -87,13 +87,13 @@ def default_vlm_config() -> dict:
         vocab_size=0,  # 0 = the shapes word tokenizer's size
         hidden_size=128,
         intermediate_size=256,
-        num_layers=4,
+        num_layers=2,  # 4 layers: the same VQA at 1.75x the step time (shapes_stage0_vlm.py)
         num_heads=4,
         num_kv_heads=2,
         mrope_section=(4, 6, 6),  # head_dim 32 / 2, Qwen's 2:3:3 split
         rope_theta=10_000.0,  # rows of <= 128 tokens: Qwen's 1e6 leaves the h/w sections ~flat
         tie_word_embeddings=True,
-        unroll_layers=True,  # 4 layers: scanned steps take 1.13x as long (README benchmark 8)
+        unroll_layers=True,  # scanned steps take 1.12x as long (README benchmark 8)
     )
     vision = _defaults(VisionConfig) | dict(
         depth=4,
