@@ -17,13 +17,14 @@ CPU, median 0.236 s/step; greedy decoding on 200 records per split): VQA 90.5% o
 takes 0.21-0.24 s (6.7 GFLOP): about 0.07 s per batch of host data work shares the 2 cores with it.
 
 The same with 4 text layers (the previous default; 11.2 GFLOP, 0.37 s standalone) measured 89.5%
-(colour 82, shape 98, count 98, position 76, yes/no 92), 70.7%, 46.5% (6.5%) in 15 min 16 s on a
-busier machine. 1500-step A/Bs on the first 100 test records, each run on one core beside another:
-2 layers 91.0% (1000 steps: 85.0%, at lr 1e-3 88.3%), 3 layers 86.3%, 4 layers 90.3%; 2 layers
-on a 2-block tower (step 1 with `vision.depth=2`, `fullatt_block_indexes=(1,)`; token shape labels
-95.3%) 88.3%, and on a 2-block tower trained at batch 16 (92.9%) 79.7%. The 2-block tower's whole
-stage 0 (both commands) took 9 min 40 s alone and scored 86.3% (shape 84.5%), 68.8%, 49.5% (2.5%)
-on 200 records per split: 4.2 points for 2 min 15 s, so the 4-block tower stays.
+(colour 82, shape 98, count 98, position 76, yes/no 92), 70.7%, 46.5% (6.5%) in 15 min 16 s (in a
+chain whose identical tower step took 7 min 50 s against 5 min 5 s now). 1500-step A/Bs on the first
+100 test records, each run on one core beside another: 2 layers 91.0% (1000 steps: 85.0%, at lr 1e-3
+88.3%), 3 layers 86.3%, 4 layers 90.3%; 2 layers on a 2-block tower (step 1 with `vision.depth=2`,
+`fullatt_block_indexes=(1,)`; token shape labels 95.3%) 88.3%, and on a 2-block tower trained at
+batch 16 (92.9%) 79.7%. The 2-block tower's whole stage 0 (both commands) took 9 min 40 s alone and
+scored 86.3% (shape 84.5%), 68.8%, 49.5% (2.5%) on 200 records per split: 4.2 points for 2 min 15 s,
+so the 4-block tower stays.
 
 The default before (4 layers, no merge: 66-token image slots, one image per 256-token row; a
 third of each row was padding) measured 85.5%, 71.7%, 51.0% (5.0%) in 21 min 6 s (median 0.79
