@@ -24,7 +24,9 @@ chain whose identical tower step took 7 min 50 s against 5 min 5 s now). 1500-st
 `fullatt_block_indexes=(1,)`; token shape labels 95.3%) 88.3%, and on a 2-block tower trained at
 batch 16 (92.9%) 79.7%. The 2-block tower's whole stage 0 (both commands) took 9 min 40 s alone and
 scored 86.3% (shape 84.5%), 68.8%, 49.5% (2.5%) on 200 records per split: 4.2 points for 2 min 15 s,
-so the 4-block tower stays.
+so the 4-block tower stays. The
+4-block tower after 500 steps at lr 2e-3 (token shapes 98.8%) under 1000 VLM steps at lr 1e-3 /
+1.5e-3 scored 83.2% / 82.0% (held-out 68.3% / 69.2%; 200 records per split), below the target.
 
 The default before (4 layers, no merge: 66-token image slots, one image per 256-token row; a
 third of each row was padding) measured 85.5%, 71.7%, 51.0% (5.0%) in 21 min 6 s (median 0.79

@@ -7,8 +7,18 @@ import tempfile
 from pathlib import Path
 
 # The device count is fixed when the JAX backend starts, so this must precede `import jax`.
+# LLVM at -O0: the suite's time goes mostly to compiling hundreds of small programs, which this
+# cuts by about a third (the whole suite: 13.3 -> 9.7 min on 2 cores). Every test passes at its
+# unchanged tolerance.
 os.environ["XLA_FLAGS"] = " ".join(
-    filter(None, [os.environ.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=8"])
+    filter(
+        None,
+        [
+            os.environ.get("XLA_FLAGS"),
+            "--xla_force_host_platform_device_count=8",
+            "--xla_backend_optimization_level=0",
+        ],
+    )
 )
 os.environ["JAX_PLATFORMS"] = "cpu"
 # Make `pretzel_jax` importable when pytest runs without an install (plain `pytest`).
