@@ -53,6 +53,7 @@ def get_config(arg: str | None = None):
         c.optim.warmup_steps = 2
         c.model.report.samples_per_class = 2
         c.model.report.dequant_draws = 1
+        c.model.report.bpd_examples = 40
     elif arg is not None:
         raise ValueError(f"unknown size {arg!r}; use no argument or 'test'")
     return c

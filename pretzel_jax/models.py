@@ -44,13 +44,15 @@ def default_model_config() -> ml_collections.ConfigDict:
             # merger too unless `vision_init_merger` is False (the VLM merges differently).
             "vision_init": "",
             "vision_init_merger": True,
-            # End-of-run report (ImageFlow): CFG sample grid and held-out bits/dim.
+            # End-of-run report (ImageFlow): CFG sample grid and held-out bits/dim on the first
+            # `bpd_examples` examples of `split` (0 = all of it).
             # (vlm): greedy VQA and captions on `vqa_records`/`caption_records` records of the
             # test and heldout splits; `export_hf` also writes the run dir's hf/ folder.
             "report": {
                 "guidance": 1.0,
                 "samples_per_class": 10,
                 "dequant_draws": 4,
+                "bpd_examples": 0,
                 "split": "test",
                 "vqa_records": 200,
                 "caption_records": 200,

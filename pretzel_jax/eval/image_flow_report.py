@@ -88,6 +88,8 @@ def report(
     k_bpd, k_sample = jax.random.split(key)
     bpd = _bpd_fn(model)
     test_images, test_labels = _collect(data(rc.split))
+    if rc.bpd_examples:
+        test_images, test_labels = test_images[: rc.bpd_examples], test_labels[: rc.bpd_examples]
     train_images, train_labels = _collect(data("train"))
     out = {"heldout_examples": float(len(test_images))}
     # Unconditional density p(x) vs the unconditional per-pixel Gaussian.

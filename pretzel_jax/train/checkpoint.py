@@ -54,6 +54,25 @@ def _diff(saved: dict[str, list], expected: dict[str, list], limit: int = 4) -> 
     )
 
 
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """The handler of the `state` item (the format StandardSave writes). A single process saves
+    without replica parallelism: it writes every shard itself either way, and splitting each
+    replicated array over its replicas compiles a slice program per array shape and replica
+    (3.4 s of a 13.6 s stage-0 smoke run on 2 cores). Multi-process runs keep it, to spread the
+    writes over the hosts."""
+    default = ocp.type_handlers.get_type_handler(jax.Array)
+    arrays = ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=jax.process_count() > 1,
+        # The default handler's store of per-array metadata, so the files stay the same.
+        array_metadata_store=getattr(default, "_array_metadata_store", None),
+    )
+    others = [t for t in ocp.type_handlers.supported_types() if t is not jax.Array]
+    registry = ocp.type_handlers.create_type_handler_registry(
+        *[(t, ocp.type_handlers.get_type_handler(t)) for t in others], (jax.Array, arrays)
+    )
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 class Checkpointer:
     """Saves every `every` steps (and when forced), keeps the newest `keep`, restores exactly."""
 
@@ -66,6 +85,11 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=async_save, create=True
             ),
+            item_handlers={
+                "state": _state_handler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:
@@ -85,7 +109,7 @@ class Checkpointer:
         return self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.PyTreeSave(state),
                 data=grain.checkpoint.CheckpointSave(data_iter),
                 config=ocp.args.JsonSave(meta),
             ),
@@ -121,7 +145,9 @@ class Checkpointer:
             restored = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract),
+                    state=ocp.args.PyTreeRestore(
+                        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)
+                    ),
                     data=grain.checkpoint.CheckpointRestore(data_iter),
                 ),
             )

@@ -58,11 +58,17 @@ def test_context_padding_mask_is_respected_in_forward_and_inverse():
     x, ctx = _inputs(flow.config)
     mask = jnp.array([[True, True, False, False], [True, True, True, True]])
     garbage = ctx.at[0, 2:].set(100.0)
-    z1, ld1 = flow.forward(x, ctx, mask)
-    z2, ld2 = flow.forward(x, garbage, mask)
+
+    @nnx.jit
+    def run(flow):
+        z1, ld1 = flow.forward(x, ctx, mask)
+        z2, ld2 = flow.forward(x, garbage, mask)
+        return z1, ld1, z2, ld2, flow.inverse(z1, garbage, mask)
+
+    z1, ld1, z2, ld2, x_back = run(flow)
     np.testing.assert_allclose(z1, z2, atol=1e-6)
     np.testing.assert_allclose(ld1, ld2, atol=1e-5)
-    np.testing.assert_allclose(flow.inverse(z1, garbage, mask), x, atol=1e-4)
+    np.testing.assert_allclose(x_back, x, atol=1e-4)
 
 
 @pytest.mark.parametrize("variant", VARIANTS[:3])
@@ -88,11 +94,12 @@ def test_causality_changing_token_k_leaves_earlier_parameters_unchanged(variant,
     block = flow.blocks[block_index]
     x, ctx = _inputs(flow.config, n=8)
     c = ctx if block.conditioned else None
-    _, mu, sigma, xp = block.params(x, c)
+    params = nnx.jit(lambda block, x: block.params(x, c))  # one program for all nine calls
+    _, mu, sigma, xp = params(block, x)
     for k in range(8):  # k counts in the block's own (permuted) order
         xp2 = xp.at[:, k].add(1.0)
         x2 = jnp.flip(xp2, 1) if block.permutation == "flip" else xp2
-        _, mu2, sigma2, _ = block.params(x2, c)
+        _, mu2, sigma2, _ = params(block, x2)
         np.testing.assert_allclose(mu2[:, : k + 1], mu[:, : k + 1], atol=1e-6)
         np.testing.assert_allclose(sigma2[:, : k + 1], sigma[:, : k + 1], atol=1e-6)
         if k < 7:
@@ -105,8 +112,14 @@ def test_cached_inverse_matches_teacher_forced_parameters_token_for_token(varian
     block = flow.deep
     z = jax.random.normal(jax.random.key(3), (2, 7, 3))
     _, ctx = _inputs(flow.config)
-    x, (mu_dec, sigma_dec) = block.inverse(z, ctx, return_params=True)
-    _, mu, sigma, _ = block.params(x, ctx)
+
+    @nnx.jit
+    def run(block):
+        x, (mu_dec, sigma_dec) = block.inverse(z, ctx, return_params=True)
+        _, mu, sigma, _ = block.params(x, ctx)
+        return mu_dec, sigma_dec, mu, sigma
+
+    mu_dec, sigma_dec, mu, sigma = run(block)
     np.testing.assert_allclose(mu_dec, mu, atol=1e-5)
     np.testing.assert_allclose(sigma_dec, sigma, atol=1e-5)
 
@@ -151,7 +164,7 @@ def test_gaussian_product_rule_matches_the_product_density_and_stays_valid():
 def test_zero_initialised_heads_make_a_fresh_flow_the_identity():
     flow = DeepShallowFlow(FlowConfig(token_dim=3, width=32, head_dim=16), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 5, 3))
-    z, logdet = flow.forward(x)
+    z, logdet = nnx.jit(lambda flow: flow.forward(x))(flow)
     np.testing.assert_allclose(z, x, atol=1e-6)
     np.testing.assert_allclose(logdet, 0.0, atol=1e-5)
 
