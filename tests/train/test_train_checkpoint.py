@@ -6,6 +6,7 @@ import functools
 import shutil
 from pathlib import Path
 
+import orbax.checkpoint as ocp
 import pytest
 from train_toy import build_toy, toy_config, toy_iterator_factory, toy_records
 
@@ -81,3 +82,12 @@ def test_resume_with_a_different_train_state_is_refused(run_copy, overrides, bui
         _train(run_copy, *overrides, build_model=build_model)
     assert str(run_copy / "checkpoints" / str(STEPS)) in str(err.value)
     assert changed in str(err.value)
+
+
+def test_the_state_item_reads_back_with_orbax_standard_checkpointer(finished_run):
+    # Other tools read the state with orbax's standard API; the per-array metadata is kept.
+    path = finished_run / "checkpoints" / str(STEPS) / "state"
+    assert (path / "array_metadatas").is_dir()
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path)
+    assert int(restored["step"]) == STEPS and "dense1" in restored["params"]
