@@ -226,6 +226,11 @@ def report_fn(config: ml_collections.ConfigDict) -> Callable | None:
     if config.model.kind == "image_flow":
         from pretzel_jax.eval.image_flow_report import report
 
+        if config.model.report.bpd_examples < 0:  # checked at start, not after the training
+            raise ConfigError(
+                f"model.report.bpd_examples={config.model.report.bpd_examples}: use 0 for the "
+                "whole split or a positive count"
+            )
         return report
     if config.model.kind == "vlm":
         from pretzel_jax.eval.vlm_report import report

@@ -62,3 +62,10 @@ def test_cli_bad_config_key_names_the_key(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 1 and "train.stepz" in err
+
+
+def test_cli_negative_bpd_examples_fails_before_training(tmp_path, capsys):
+    run = ["--config", EXPERIMENT + ":test", "--config.model.report.bpd_examples=-1"]
+    assert main(run + ["--run_dir", str(tmp_path)]) == 1
+    assert "model.report.bpd_examples=-1" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints").exists()
