@@ -81,9 +81,15 @@ class AFBlock(nnx.Module):
         self.permutation = permutation
         self.conditioned = conditioned
 
-    # -- pieces shared by forward and inverse -------------------------------------------------
+    # -- public pieces: also the step API of an outside model (the Pretzel deep stream) ---------
+    #
+    # An outside model that owns the sequence layout (text and several images per row, packed
+    # documents) projects its own inputs (`embed_tokens`, `embed_context`, plus anything it adds),
+    # runs `hidden` over them (teacher-forced with a mask, or one chunk at a time into an external
+    # `init_cache` cache), and reads `(a, mu)` with `head` and sigma with `sigma`.
 
-    def _rope(self, positions: jax.Array | None, batch: int, length: int):
+    def rope(self, positions: jax.Array | None, batch: int, length: int):
+        """(cos, sin) rotary tables for `positions` (B, L) or (B, L, axes), or None."""
         cfg = self.cfg
         if cfg.rope == "none":
             return None
@@ -95,22 +101,48 @@ class AFBlock(nnx.Module):
             return rope_angles(positions, *rope_sectioned(cfg.rope_sections, cfg.rope_theta))
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        if positions.ndim == 3:  # 1-D RoPE on multi-axis ids: the first (temporal/text) axis
+            positions = positions[..., 0]
         return rope_angles(positions, *rope_1d(cfg.head_dim, cfg.rope_theta))
 
-    def _head(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Transformer output -> (a, mu) in fp32 after the soft clip."""
-        o = self.proj_out(self._normed(h)).astype(jnp.float32)
+    def embed_tokens(self, u: jax.Array) -> jax.Array:
+        """Latent tokens (..., D) -> transformer inputs (..., width) (STARFlow's proj_in)."""
+        return self.proj_in(u.astype(jnp.dtype(self.cfg.compute_dtype)))
+
+    def embed_context(self, c: jax.Array) -> jax.Array:
+        """Context features (..., context_dim) -> transformer inputs (STARFlow's proj_txt)."""
+        if self.proj_ctx is None:
+            raise ValueError("this flow block is unconditioned (context_dim = 0): no context")
+        return self.proj_ctx(c)
+
+    def init_cache(self, batch: int, size: int, dtype=None):
+        """A fixed-size KV cache (stacked over layers) for `hidden(..., cache=)`."""
+        return self.layers.init_cache(batch, size, jnp.dtype(dtype or self.cfg.compute_dtype))
+
+    def hidden(self, h, *, rope=None, mask=None, kv_mask=None, cache=None):
+        """Projected inputs (B, T, width) -> (final-normed hidden state y (B, T, width), cache).
+        Without a cache `mask` (B, T, T) is the full attention mask (default causal + kv_mask);
+        with one, the T inputs are written at cache.index and attend to the cache (causal)."""
+        h, cache = self.layers(h, rope=rope, mask=mask, kv_mask=kv_mask, cache=cache)
+        return self.normed(h), cache
+
+    def head(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Final-normed hidden state -> (a, mu) in fp32 after the soft clip."""
+        o = self.proj_out(y).astype(jnp.float32)
         if self.cfg.soft_clip > 0:
             c = self.cfg.soft_clip
             o = c * jnp.tanh(o / c)
         a, mu = jnp.split(o, 2, axis=-1)
         return a, mu
 
-    def _normed(self, h: jax.Array) -> jax.Array:
+    def normed(self, h: jax.Array) -> jax.Array:
         return h if self.final_norm is None else self.final_norm(h)
 
-    def _sigma(self, a: jax.Array) -> jax.Array:
+    def sigma(self, a: jax.Array) -> jax.Array:
         return jax.nn.softplus(a + SOFTPLUS_ONE) if self.cfg.use_softplus else jnp.exp(a)
+
+    def _head(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.head(self.normed(h))
 
     def _context(self, context, context_mask, batch):
         if not self.conditioned:
@@ -139,7 +171,7 @@ class AFBlock(nnx.Module):
         if c is not None:
             h = jnp.concatenate([c.astype(h.dtype), h], axis=1)
             kv_mask = jnp.concatenate([cmask, jnp.ones((b, n), bool)], axis=1)
-        h, _ = self.layers(h, rope=self._rope(positions, b, h.shape[1]), kv_mask=kv_mask)
+        h, _ = self.layers(h, rope=self.rope(positions, b, h.shape[1]), kv_mask=kv_mask)
         return h[:, h.shape[1] - n :], xp.astype(jnp.float32)
 
     def params(self, x, context=None, context_mask=None, positions=None):
@@ -149,7 +181,7 @@ class AFBlock(nnx.Module):
         if self.sos is None:  # output t predicts token t+1; token 0 gets (0, 0) -> identity
             a = jnp.pad(a[:, :-1], ((0, 0), (1, 0), (0, 0)))
             mu = jnp.pad(mu[:, :-1], ((0, 0), (1, 0), (0, 0)))
-        return a, mu, self._sigma(a), xp
+        return a, mu, self.sigma(a), xp
 
     def forward(self, x, context=None, context_mask=None, positions=None):
         """x (B, N, D) -> (z (B, N, D) fp32, logdet (B,) = sum of log|dz/dx|)."""
@@ -168,7 +200,7 @@ class AFBlock(nnx.Module):
         h, targets = (h, xp) if self.sos is not None else (h[:, :-1], xp[:, 1:])
         dtype = jnp.dtype(self.cfg.compute_dtype)
         z, sum_log_sigma, _ = flow_affine.affine_forward(
-            self._normed(h),
+            self.normed(h),
             self.proj_out.kernel[...].astype(dtype),
             self.proj_out.bias[...],
             targets,
@@ -228,7 +260,7 @@ class AFBlock(nnx.Module):
         lc = 0 if c is None else c.shape[1]
         capacity = n if steps_capacity is None else max(steps_capacity, n)
         cache = self.layers.init_cache(bb, lc + capacity, jnp.dtype(self.cfg.compute_dtype))
-        rope = self._rope(positions, bb, lc + n)
+        rope = self.rope(positions, bb, lc + n)
         if c is not None:  # prefill the context prefix once
             rope_c = None if rope is None else (rope[0][:, :lc], rope[1][:, :lc])
             _, cache = self.layers(c, rope=rope_c, kv_mask=cmask, cache=cache)
@@ -248,13 +280,13 @@ class AFBlock(nnx.Module):
         a fused head kernel replaces this method."""
         a, mu = self._head(h)
         if not guided:
-            return mu, self._sigma(a)
+            return mu, self.sigma(a)
         if guidance_rule == "product":
             return cfg_rules.gaussian_product(
-                mu[:batch], self._sigma(a[:batch]), mu[batch:], self._sigma(a[batch:]), guidance
+                mu[:batch], self.sigma(a[:batch]), mu[batch:], self.sigma(a[batch:]), guidance
             )
         a_g, mu_g = cfg_rules.additive(a[:batch], mu[:batch], a[batch:], mu[batch:], guidance)
-        return mu_g, self._sigma(a_g)
+        return mu_g, self.sigma(a_g)
 
     def _decode_chunk(
         self, setup: DecodeSetup, inputs, cache, step, noise, *, guidance, guidance_rule: str

@@ -98,17 +98,28 @@ class LayerStack(nnx.Module):
         )
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers, *a.shape)), one)
 
-    def __call__(self, x, *, rope=None, mask=None, kv_mask=None, cache: KVCache | None = None):
-        """Runs every layer. `cache` is the stacked per-layer cache (from init_cache) or None."""
+    def __call__(
+        self,
+        x,
+        *,
+        rope=None,
+        mask=None,
+        kv_mask=None,
+        cache: KVCache | None = None,
+        collect: bool = False,
+    ):
+        """Runs every layer. `cache` is the stacked per-layer cache (from init_cache) or None.
+        -> (x, cache), or with `collect` (x, cache, every layer's output stacked (layers, ...))."""
         graphdef, state = nnx.split(self.layers)
 
         def body(h, xs):
             layer_state, layer_cache = xs
             layer = nnx.merge(graphdef, layer_state)
-            return layer(h, rope=rope, mask=mask, kv_mask=kv_mask, cache=layer_cache)
+            h, layer_cache = layer(h, rope=rope, mask=mask, kv_mask=kv_mask, cache=layer_cache)
+            return h, (layer_cache, h) if collect else layer_cache
 
         policy = REMAT_POLICIES[self.cfg.remat]
         if policy is not None:
             body = jax.checkpoint(body, policy=policy)
-        x, cache = jax.lax.scan(body, x, (state, cache), unroll=self.cfg.unroll_layers)
-        return x, cache
+        x, ys = jax.lax.scan(body, x, (state, cache), unroll=self.cfg.unroll_layers)
+        return (x, *ys) if collect else (x, ys)

@@ -77,6 +77,7 @@ class Qwen25VL(nnx.Module):
         cache: KVCache | None = None,
         segment_ids: jax.Array | None = None,
         branch_ids: jax.Array | None = None,
+        return_layers: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         return self.text(
             embeds,
@@ -85,6 +86,7 @@ class Qwen25VL(nnx.Module):
             cache=cache,
             segment_ids=segment_ids,
             branch_ids=branch_ids,
+            return_layers=return_layers,
         )
 
     def logits(self, hidden: jax.Array) -> jax.Array:

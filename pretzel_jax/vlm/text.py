@@ -133,13 +133,15 @@ class TextDecoder(nnx.Module):
         cache: KVCache | None = None,
         segment_ids: jax.Array | None = None,
         branch_ids: jax.Array | None = None,
+        return_layers: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """embeds (B, L, D); positions (B, L, 3) [t, h, w] (or (B, L): the same on all axes);
         kv_mask (B, L) marks real (non-pad) tokens. With a cache the L tokens are written at
         cache.index and attend to everything cached before them. `segment_ids` (B, L), packed
         training only (no cache): a token attends only inside its own document (same id), and
         with `branch_ids` (B, L) (the layout's) only to branch 0 and its own branch.
-        -> (final-normed hidden, cache)."""
+        -> (final-normed hidden, cache); with `return_layers` also every layer's output
+        (num_layers, B, L, D), before the final norm (the Pretzel's `vlm_taps`)."""
         cfg = self.cfg
         if positions.ndim == 2:
             positions = jnp.repeat(positions[..., None], 3, axis=-1)
@@ -164,8 +166,10 @@ class TextDecoder(nnx.Module):
                 q_branches=branch_ids,
                 kv_branches=branch_ids,
             )
-        x, cache = self.layers(x, rope=rope, mask=mask, kv_mask=kv_mask, cache=cache)
-        return self.norm(x), cache
+        out = self.layers(
+            x, rope=rope, mask=mask, kv_mask=kv_mask, cache=cache, collect=return_layers
+        )
+        return (self.norm(out[0]), *out[1:])
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """(B, L, D) -> (B, L, vocab) float32 (tied: hidden @ embed^T)."""

@@ -1,0 +1,228 @@
+"""The Pretzel model's invariants: zero-init coupling is the frozen VLM (bit-exact) and the
+standalone flow; causality across both streams; packed documents equal documents alone; cached
+step-by-step decoding through the joint cache equals the teacher-forced forward; masked
+per-image likelihood."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pretzel_jax.flow.likelihood import nll_per_dim
+from tests.pretzel import tiny
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return tiny.tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def lay(tok):
+    return tiny.layout(tok)
+
+
+def _jit_forward(model, batch):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, batch):
+        return nnx.merge(graphdef, state).forward(batch, None)
+
+    return run(state, {k: jnp.asarray(v) for k, v in batch.items()})
+
+
+def _vlm_alone_logits(model, batch):
+    """The frozen VLM by itself: token embeddings, zeros at latent slots (what A(u) is at init)."""
+    vlm = model.vlm
+    tokens = jnp.asarray(batch["tokens"])
+    x = vlm.text.embed_tokens(tokens)
+    x = jnp.where((tokens == vlm.cfg.image_token_id)[..., None], 0.0, x)
+    seg = jnp.asarray(batch["segment_ids"])
+    y, _ = vlm.forward(
+        x,
+        jnp.asarray(batch["positions"]),
+        kv_mask=seg > 0,
+        segment_ids=seg,
+        branch_ids=jnp.asarray(batch["branch_ids"]),
+    )
+    return vlm.logits(y)
+
+
+@pytest.mark.parametrize("docs", ["text", "images"])
+def test_zero_init_text_logits_are_the_frozen_vlms_bit_exactly(tok, lay, docs):
+    rows = (
+        [[tiny.text_doc(0)], [tiny.text_doc(1)]]
+        if docs == "text"
+        else [[tiny.interleaved_doc(0)], [tiny.vqa_doc(1), tiny.t2i_doc(2)]]
+    )
+    batch = tiny.batch(lay, rows)
+    model = tiny.model(tiny.config(tok, taps=(-1, 0)))
+    # The flow stream is trained (random), the coupling is at its zero init.
+    state = nnx.state(model, nnx.Param)
+    flat = nnx.to_flat_state(state)
+    key = jax.random.key(3)
+    for path, var in flat:
+        name = "/".join(map(str, path))
+        if name.startswith(("deep/", "shallow/")):
+            key, sub = jax.random.split(key)
+            var.set_value(var.get_value() + 0.1 * jax.random.normal(sub, var.get_value().shape))
+    nnx.update(model, nnx.from_flat_state(flat))
+    ours = jax.jit(lambda b: model.logits(model.forward(b, None)["hidden"]))(
+        {k: jnp.asarray(v) for k, v in batch.items()}
+    )
+    alone = jax.jit(lambda b: _vlm_alone_logits(model, b))(batch)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(alone))
+    if docs == "images":  # the coupling switched on does change them (the test can fail)
+        on = tiny.model(tiny.config(tok, taps=(-1, 0)), randomize_zero_init=True)
+        theirs = jax.jit(lambda b: on.logits(on.forward(b, None)["hidden"]))(
+            {k: jnp.asarray(v) for k, v in batch.items()}
+        )
+        assert np.abs(np.asarray(theirs) - np.asarray(alone)).max() > 1e-3
+
+
+def test_flow_stream_nll_equals_the_standalone_flows(tok, lay):
+    """A text-to-image document: the deep block over the interleaved row equals the standalone
+    deep block with y_vlm of the text as its context prefix, the shallow blocks the same."""
+    batch = tiny.batch(lay, [[tiny.t2i_doc(0, "a red circle left of a blue square")]])
+    model = tiny.model(tiny.config(tok), randomize_zero_init=False)
+    # Random flow heads (zero-init heads would make both sides the identity map).
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    key = jax.random.key(7)
+    for path, var in flat:
+        if "proj_out" in map(str, path):
+            key, sub = jax.random.split(key)
+            var.set_value(0.1 * jax.random.normal(sub, var.get_value().shape))
+    nnx.update(model, nnx.from_flat_state(flat))
+    out = _jit_forward(model, batch)
+    ours = model.image_nll(out)[0, 0]
+
+    tokens = batch["tokens"][0]
+    vs = int(np.flatnonzero(tokens == model.cfg.vlm.vision_start_token_id)[0])
+    big_l = model.cfg.latents_per_image
+    context = out["y_vlm"][:, :vs]
+    pos = jnp.asarray(batch["positions"])
+    positions = jnp.concatenate([pos[:, :vs], pos[:, vs : vs + big_l]], axis=1)
+    x = jnp.asarray(batch["latents"][:, 0])
+    u, shallow_ld = model.shallow_forward(x)
+    z, deep_ld = model.deep.forward(u, context, None, positions)
+    theirs = nll_per_dim(z, deep_ld + shallow_ld)[0]
+    np.testing.assert_allclose(float(ours), float(theirs), rtol=2e-6)
+    assert abs(float(ours) - float(nll_per_dim(x, jnp.zeros(1))[0])) > 1e-3
+
+
+def _stream_outputs(model, tokens, u_seq, positions, seg, branch):
+    out = model.streams(tokens, u_seq, positions, seg, branch)
+    return model.logits(out["hidden"]), out["a"], out["mu"]
+
+
+def test_causality_across_streams(tok, lay):
+    batch = tiny.batch(lay, [[tiny.interleaved_doc(0)]])
+    model = tiny.model(tiny.config(tok, taps=(-1, 1)), randomize_zero_init=True)
+    args = [jnp.asarray(batch[k]) for k in ("tokens", "positions", "segment_ids", "branch_ids")]
+    tokens, positions, seg, branch = args
+    s = tokens.shape[1]
+    u_seq = jnp.asarray(np.random.default_rng(0).normal(size=(1, s, tiny.CHANNELS)), jnp.float32)
+    u_seq = jnp.where((tokens == model.cfg.vlm.image_token_id)[..., None], u_seq, 0.0)
+    run = jax.jit(lambda t, u: _stream_outputs(model, t, u, positions, seg, branch))
+    base = run(tokens, u_seq)
+    is_latent = np.asarray(tokens[0] == model.cfg.vlm.image_token_id)
+    length = int(np.asarray(seg[0] > 0).sum())
+    for t in [3, int(np.flatnonzero(is_latent)[4]), length - 2]:
+        if is_latent[t]:
+            u2, t2 = u_seq.at[0, t].add(1.0), tokens
+        else:
+            u2, t2 = u_seq, tokens.at[0, t].set((int(tokens[0, t]) + 1) % 20 + 10)
+        moved = run(t2, u2)
+        for before, after in zip(base, moved, strict=True):
+            np.testing.assert_array_equal(np.asarray(before[0, :t]), np.asarray(after[0, :t]))
+            assert np.abs(np.asarray(before[0, t:]) - np.asarray(after[0, t:])).max() > 0
+
+
+def test_packed_row_equals_documents_alone(tok, lay):
+    docs = [tiny.t2i_doc(0), tiny.vqa_doc(1)]
+    packed = tiny.batch(lay, [docs], seed=1)
+    alone = tiny.batch(lay, [[docs[0]], [docs[1]]], seed=1)
+    # The same latents per image: row 0's images are doc 0's then doc 1's.
+    alone["latents"][0, 0] = packed["latents"][0, 0]
+    alone["latents"][1, 0] = packed["latents"][0, 1]
+    model = tiny.model(tiny.config(tok, taps=(-1, 0)), randomize_zero_init=True)
+    run = jax.jit(lambda b: model.forward(b, None))
+    p = run({k: jnp.asarray(v) for k, v in packed.items()})
+    a = run({k: jnp.asarray(v) for k, v in alone.items()})
+    seg = packed["segment_ids"][0]
+    for doc_id, row in ((1, 0), (2, 1)):
+        at = np.flatnonzero(seg == doc_id)
+        n = len(at)
+        for key in ("hidden", "a", "mu", "z"):
+            np.testing.assert_allclose(
+                np.asarray(p[key][0, at]), np.asarray(a[key][row, :n]), atol=2e-5, rtol=2e-5
+            )
+    nll_p, nll_a = np.asarray(model.image_nll(p)), np.asarray(model.image_nll(a))
+    np.testing.assert_allclose(nll_p[0, :2], [nll_a[0, 0], nll_a[1, 0]], rtol=1e-5)
+
+
+def test_cached_decoding_equals_teacher_forced(tok, lay):
+    """Text, image, text, image, text in one row, fed one position at a time through the joint
+    cache (after a 3-token prefill) against the teacher-forced forward."""
+    batch = tiny.batch(lay, [[tiny.interleaved_doc(0)]])
+    model = tiny.model(tiny.config(tok, taps=(-1, 0)), randomize_zero_init=True)
+    tokens = jnp.asarray(batch["tokens"])
+    positions = jnp.asarray(batch["positions"])
+    seg = jnp.asarray(batch["segment_ids"])
+    length = int(np.asarray(seg[0] > 0).sum())
+    assert int(np.sum(np.asarray(tokens[0, :length]) == model.cfg.vlm.image_token_id)) == 12
+    s = tokens.shape[1]
+    u_seq = jnp.asarray(np.random.default_rng(0).normal(size=(1, s, tiny.CHANNELS)), jnp.float32)
+    u_seq = jnp.where((tokens == model.cfg.vlm.image_token_id)[..., None], u_seq, 0.0)
+    full = jax.jit(
+        lambda: _stream_outputs(model, tokens, u_seq, positions, seg, jnp.zeros_like(seg))
+    )()
+
+    step = jax.jit(lambda t, u, p, c: model.step(t, u, p, c))
+    cache = model.init_cache(1, s)
+    outs = []
+    h, a, mu, cache = step(tokens[:, :3], u_seq[:, :3], positions[:, :3], cache)
+    outs.append((h, a, mu))
+    for t in range(3, length):
+        sl = slice(t, t + 1)
+        h, a, mu, cache = step(tokens[:, sl], u_seq[:, sl], positions[:, sl], cache)
+        outs.append((h, a, mu))
+    assert int(cache.index) == length
+    got = [jnp.concatenate(v, axis=1) for v in zip(*outs, strict=True)]
+    got[0] = model.logits(got[0])
+    for want, have in zip(full, got, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(have[0]), np.asarray(want[0, :length]), atol=3e-5, rtol=3e-5
+        )
+
+
+def test_loss_by_stage_and_masks(tok, lay):
+    batch = tiny.batch(lay, [[tiny.interleaved_doc(0)], [tiny.vqa_doc(1), tiny.t2i_doc(2)]])
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    key = jax.random.key(0)
+    metrics = {}
+    for stage in (1, 2, 3):
+        model = tiny.model(tiny.config(tok, stage=stage), randomize_zero_init=True)
+        # Stage 2 leaves out the deep stream: W_D is zero until stage 3 trains it.
+        model.w_d.kernel.set_value(jnp.zeros_like(model.w_d.kernel[...]))
+        model.w_d.bias.set_value(jnp.zeros_like(model.w_d.bias[...]))
+        loss, metrics[stage] = jax.jit(model.loss)(jb, key)
+        assert np.isfinite(float(loss))
+    assert set(metrics[1]) == {"flow_nll", "bits_per_dim", "target_images"}
+    assert set(metrics[2]) == {"lm_loss", "lm_accuracy", "target_tokens"}
+    # Targets: 2 + 1 images (the vqa image is context), text targets from the masks.
+    assert float(metrics[3]["target_images"]) == 3
+    assert float(metrics[3]["target_tokens"]) == batch["text_loss_mask"].sum()
+    np.testing.assert_allclose(metrics[1]["flow_nll"], metrics[3]["flow_nll"], rtol=1e-6)
+    np.testing.assert_allclose(metrics[2]["lm_loss"], metrics[3]["lm_loss"], rtol=1e-6)
+    # The per-image NLL of the context image (the vqa one) is not in the loss.
+    model = tiny.model(tiny.config(tok, stage=1), randomize_zero_init=True)
+    out = jax.jit(lambda b: model.forward(b, None))(jb)
+    nll = np.asarray(model.image_nll(out))
+    target = batch["image_target"] & batch["image_mask"]
+    np.testing.assert_allclose(float(metrics[1]["flow_nll"]), nll[target].mean(), rtol=1e-5)
+    assert abs(nll[1, 0] - nll[target].mean()) > 1e-4
