@@ -24,14 +24,15 @@ PSNR of each patch's pixels from block 1 (own patch, one ridge fit per block on 
 30.9 dB for the 71.8% VLM's tower and 28.0 dB for the random one's (block 4: 23.7 / 23.6 dB).
 
 Phase "feature" ends by computing the latent normalisation statistics on training images and
-writing `runs/shapes_fae/fae.safetensors`; phase "pixel_adapt" starts from that file. Each run's
+writing `runs/shapes_fae/fae.safetensors`; phase "pixel_adapt" starts from that file (800 adapt
+steps gave 94.5% scene accuracy on noisy reconstructions, 1600 steps 95.5%). Each run's
 report.json holds PSNR without/with latent noise at sigma_a, the shapes judge's scene accuracy on
 originals and reconstructions, and the per-channel variance of the normalised latents.
 `:test` / `:adapt_test` are seconds-long smoke sizes (tests use them).
 """
 
 from pretzel_jax.fae.model import FROZEN
-from pretzel_jax.models_fae import toy_qwen_vision
+from pretzel_jax.models.fae import toy_qwen_vision
 from pretzel_jax.train.config import default_config
 
 STAGE0_VLM = "runs/shapes_stage0_vlm/hf"
@@ -87,7 +88,7 @@ def get_config(arg: str | None = None):
     c.optim.weight_decay = 0.01
     c.optim.grad_clip = 1.0
 
-    c.train.steps = 1500 if not adapt else 1600  # adapt: 800 steps gave 94.5% noisy, 1600 95.5%
+    c.train.steps = 1500 if not adapt else 1600  # adapt: twice 800 for a point more (docstring)
     c.train.log_every = 100
     c.train.eval_every = 500
     c.train.eval_batches = 2

@@ -369,8 +369,8 @@ class DinoV2(nnx.Module):
 class QwenVisionEncoder(nnx.Module):
     """A Qwen2.5-VL vision tower (`pretzel_jax.vlm.VisionTower`, passed in so that `fae` need not
     import `vlm`) as a representation encoder: its last block's per-patch features, before the
-    2x2 patch merger, as a (B, h, w, hidden) grid. (`models_fae` may pass a tower cut to its
-    first blocks: `model.fae.encoder.layers`.)"""
+    2x2 patch merger, as a (B, h, w, hidden) grid. (`pretzel_jax.models.fae` may pass a tower cut
+    to its first blocks: `model.fae.encoder.layers`.)"""
 
     def __init__(self, tower):
         self.tower = tower
