@@ -52,9 +52,18 @@ def _fae_test_size(config) -> None:
     config.optim.freeze = FROZEN[config.model.fae.phase]
 
 
+def _pretzel_test_size(config) -> None:
+    from pretzel_jax.models.pretzel import stage_freeze
+
+    _fae_test_size(config)
+    config.optim.freeze = stage_freeze(config.model.pretzel.stage)
+
+
 # kind -> what its default config lacks to build without files on disk (a new kind whose default
 # config does not build as it is adds its entry here).
-TEST_SIZE = {"fae": _fae_test_size}
+TEST_SIZE = {"fae": _fae_test_size, "pretzel": _pretzel_test_size}
+# Kinds whose weight sources are files the default config cannot name: they say which key.
+NEEDS_FILES = {"pretzel": "model.pretzel.vlm_path"}
 
 
 def test_package_kinds_are_found():
@@ -71,7 +80,11 @@ def test_every_kind_builds_its_default_config(name):
     assert models.get(name).name == name
     report = models.report_fn(config)
     assert report is None or callable(report)
-    assert isinstance(models.weight_sources(config), list)
+    if name in NEEDS_FILES:
+        with pytest.raises(ConfigError, match=NEEDS_FILES[name]):
+            models.weight_sources(config)
+    else:
+        assert isinstance(models.weight_sources(config), list)
 
 
 def test_a_kind_from_another_module_is_found_and_built():

@@ -37,6 +37,7 @@ class FlowConfig:
     rope_theta: float = 10000.0
     rope_interleaved: bool = True
     remat: str = "none"
+    unroll_layers: bool = False  # see TransformerConfig (faster shallow stacks on CPU)
     # The fused head (matmul, clip, scale, z, log-det) and the guided sampling mix: "xla" (plain
     # jnp) or "pallas" (pretzel_jax.kernels.flow_affine; falls back to xla, logged, where the
     # kernel does not support the shapes or platform).
@@ -101,6 +102,7 @@ class FlowConfig:
             norm_eps=self.norm_eps,
             rope_interleaved=self.rope_interleaved,
             remat=self.remat,
+            unroll_layers=self.unroll_layers,
             param_dtype=self.param_dtype,
             compute_dtype=self.compute_dtype,
         )

@@ -38,9 +38,8 @@ class PretzelConfig:
         _check(self.sigma_a >= 0, "sigma_a", "must be >= 0")
         _check(-1 in self.vlm_taps, "vlm_taps", "must hold -1 (the final hidden state)")
         _check(
-            all(t == -1 or 0 <= t < n for t in self.vlm_taps) and len(set(self.vlm_taps)) == len(
-                self.vlm_taps
-            ),
+            all(t == -1 or 0 <= t < n for t in self.vlm_taps)
+            and len(set(self.vlm_taps)) == len(self.vlm_taps),
             "vlm_taps",
             f"entries must be -1 or distinct layer indices in [0, {n})",
         )

@@ -213,9 +213,7 @@ class Pretzel(nnx.Module):
         native = None
         if cfg.understanding_input == "native":
             native = self._native_features(images, image_index, batch["image_target"])
-        out = self.streams(
-            tokens, u_seq, positions, seg, branch, native=native, run_deep=run_deep
-        )
+        out = self.streams(tokens, u_seq, positions, seg, branch, native=native, run_deep=run_deep)
         result = dict(out, u_seq=u_seq, image_index=image_index)
         if not run_deep:
             return result

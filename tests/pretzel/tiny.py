@@ -65,16 +65,33 @@ IDS = {
 }
 
 
-def model(cfg: PretzelConfig, seed: int = 0, randomize_zero_init: bool = False) -> Pretzel:
-    m = Pretzel(cfg, fae=None, rngs=nnx.Rngs(seed))
+class ToyFAE(nnx.Module):
+    """A stand-in FAE for 4x4 images and (2, 3, 4) latents: two linear maps."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        n = GRID[0] * GRID[1] * CHANNELS
+        self.enc = nnx.Linear(48, n, rngs=rngs)
+        self.dec = nnx.Linear(n, 48, rngs=rngs)
+
+    def encode(self, images):
+        x = images.reshape(images.shape[0], -1).astype(jax.numpy.float32) / 255.0
+        return self.enc(x).reshape(images.shape[0], *GRID, CHANNELS)
+
+    def decode(self, latents):
+        out = self.dec(latents.reshape(latents.shape[0], -1))
+        return jax.nn.sigmoid(out).reshape(latents.shape[0], 4, 4, 3)
+
+
+def model(
+    cfg: PretzelConfig, seed: int = 0, randomize_zero_init: bool = False, fae: bool = True
+) -> Pretzel:
+    m = Pretzel(cfg, fae=ToyFAE(nnx.Rngs(seed + 100)) if fae else None, rngs=nnx.Rngs(seed))
     if randomize_zero_init:  # switch the coupling on: W_vlm, W_D, A's last layer, flow heads
         key = jax.random.key(seed + 1)
         state = nnx.state(m, nnx.Param)
         leaves, treedef = jax.tree.flatten(state)
         keys = jax.random.split(key, len(leaves))
-        leaves = [
-            v + 0.05 * jax.random.normal(k, v.shape, v.dtype) for v, k in zip(leaves, keys)
-        ]
+        leaves = [v + 0.05 * jax.random.normal(k, v.shape, v.dtype) for v, k in zip(leaves, keys)]
         nnx.update(m, jax.tree.unflatten(treedef, leaves))
     return m
 
