@@ -6,12 +6,16 @@ Entry points: `python -m pretzel_jax.train --config experiments/x.py` and `train
 from pretzel_jax.train.config import default_config, load_config
 from pretzel_jax.train.errors import CheckpointError, ConfigError, NonFiniteError
 from pretzel_jax.train.loop import train
+from pretzel_jax.train.weights import WeightSource, load_safetensors, safetensors_source
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
     "NonFiniteError",
+    "WeightSource",
     "default_config",
     "load_config",
+    "load_safetensors",
+    "safetensors_source",
     "train",
 ]

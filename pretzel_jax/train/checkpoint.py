@@ -1,15 +1,18 @@
 """Orbax checkpoints of the train state, the data iterator position and the config.
 
-Each step directory holds three items: `state` (the sharded TrainState, restored straight into
-the abstract target's shardings), `data` (the Grain iterator state, one file per process) and
-`config` (JSON: the config, the step and the shape/dtype of every state leaf). The last one lets
-a restore fail with a clear message before touching any array when the model or the optimizer
-policy changed.
+Each step directory holds three items: `state` (the sharded TrainState: trainable parameters and
+optimizer state, restored straight into the abstract target's shardings), `data` (the Grain
+iterator state, one file per process) and `config` (JSON: the config, the step, the shape/dtype
+of every state leaf, and every weight source's prefix, role, path and content hash). The last one
+lets a restore fail with a clear message before touching any array when the model, the optimizer
+policy or a frozen weight file changed. Frozen parameters are never written: they are rebuilt
+from their weight sources at every start.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +76,60 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
-class Checkpointer:
-    """Saves every `every` steps (and when forced), keeps the newest `keep`, restores exactly."""
+def _weight_problems(saved: Sequence[Mapping], current: Sequence[Mapping]) -> list[str]:
+    """Differences between the "frozen" weight sources a checkpoint was trained with and this
+    run's (`pretzel_jax.train.weights.source_records`); "init" sources do not matter on resume."""
+    saved_frozen = {r["prefix"]: r for r in saved if r.get("role") == "frozen"}
+    now_frozen = {r["prefix"]: r for r in current if r["role"] == "frozen"}
+    problems = []
+    for prefix, now in now_frozen.items():
+        then = saved_frozen.get(prefix)
+        if then is None:
+            problems.append(
+                f"the config loads the frozen parameters under {prefix!r} from {now['path']}, "
+                "but the checkpoint was trained without that weight source (remove it from the "
+                "config to resume)"
+            )
+        elif now["sha256"] is None:
+            problems.append(
+                f"frozen weights {now['path']} (prefix {prefix!r}) do not exist; the checkpoint "
+                f"was trained with {then['path']} ({then['sha256']}): point the config at that "
+                "file"
+            )
+        elif now["sha256"] != then["sha256"]:
+            problems.append(
+                f"frozen weights {now['path']} (prefix {prefix!r}) have content hash "
+                f"{now['sha256']}, but the checkpoint was trained with {then['path']} of hash "
+                f"{then['sha256']}: point the config at the original file"
+            )
+    for prefix, then in saved_frozen.items():
+        if prefix not in now_frozen:
+            problems.append(
+                f"the checkpoint was trained with the frozen parameters under {prefix!r} loaded "
+                f"from {then['path']} ({then['sha256']}), but the config has no weight source "
+                "for them: add it back"
+            )
+    return problems
 
-    def __init__(self, directory: Path, *, every: int, keep: int, async_save: bool):
+
+class Checkpointer:
+    """Saves every `every` steps (and when forced), keeps the newest `keep`, restores exactly.
+
+    `weight_sources`: the records (`pretzel_jax.train.weights.source_records`) written into every
+    checkpoint's `config` item and compared on restore."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        every: int,
+        keep: int,
+        async_save: bool,
+        weight_sources: Sequence[Mapping] = (),
+    ):
         self.directory = Path(directory).absolute()
         self.every = every
+        self.weight_sources = [dict(r) for r in weight_sources]
         self._closed = False
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -105,6 +156,7 @@ class Checkpointer:
             "step": step,
             "config": json.loads(config.to_json_best_effort()),
             "state_signature": state_signature(state),
+            "weight_sources": self.weight_sources,
         }
         return self._manager.save(
             step,
@@ -118,7 +170,8 @@ class Checkpointer:
 
     def restore(self, step: int, abstract: TrainState, data_iter: Any) -> TrainState:
         """The state saved at `step`, in `abstract`'s shardings; moves `data_iter` to the saved
-        position. Raises CheckpointError naming the step directory and the fix."""
+        position. Raises CheckpointError naming the step directory and the fix, before reading
+        any array when the state's structure or a frozen weight file differs."""
         path = self.directory / str(step)
         fix = (
             f"delete {path} to resume from the previous checkpoint, or pass a fresh --run_dir "
@@ -129,11 +182,22 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path} is incomplete (no {missing}); {fix}")
         try:
             args = ocp.args.Composite(config=ocp.args.JsonRestore())
-            saved = self._manager.restore(step, args=args)["config"]["state_signature"]
+            meta = self._manager.restore(step, args=args)["config"]
+            saved = meta["state_signature"]
+            saved_weights = meta.get("weight_sources", [])
         except Exception as e:
             raise CheckpointError(
                 f"checkpoint {path} has unreadable metadata ({type(e).__name__}: {e}); {fix}"
             ) from e
+        problems = _weight_problems(saved_weights, self.weight_sources)
+        if problems:
+            raise CheckpointError(
+                f"checkpoint {path} does not match this run's frozen weights:\n  "
+                + "\n  ".join(problems)
+                + "\nFrozen weights are not stored in checkpoints; resuming needs the files "
+                f"the run was trained with (see {path / 'config'}). Otherwise start a new run "
+                "dir (--run_dir) to train with the new weights from the start"
+            )
         diff = _diff(saved, state_signature(abstract))
         if diff:
             raise CheckpointError(

@@ -3,6 +3,10 @@
 Restarting the same command in the same run_dir resumes from the newest checkpoint: the state,
 the data iterator position and the per-step keys (`fold_in(rng, step)`) are all restored, so the
 loss curve continues exactly. SIGTERM saves a checkpoint at the next step boundary and returns.
+
+Pretrained weights enter through weight sources (`pretzel_jax.train.weights`), restored into the
+sharded state after init: "frozen" ones at every start (checkpoints record their paths and
+content hashes, never their tensors), "init" ones at a fresh start only.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ from pretzel_jax.train.mesh import make_mesh
 from pretzel_jax.train.metrics import MetricsWindow, MetricsWriter
 from pretzel_jax.train.optimizer import describe_param_policy
 from pretzel_jax.train.state import (
+    Fixed,
     ModelBuilder,
     TrainSetup,
     TrainState,
@@ -38,6 +43,12 @@ from pretzel_jax.train.state import (
     model_from,
 )
 from pretzel_jax.train.step import make_eval_step, make_train_step, shard_batch
+from pretzel_jax.train.weights import (
+    WeightSource,
+    check_sources,
+    missing_files,
+    source_records,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +93,14 @@ class _Run:
         make_iterator: IteratorFactory,
         checkpointer: Checkpointer,
         writer: MetricsWriter,
+        weight_sources: tuple[WeightSource, ...] = (),
     ):
         self.setup, self.cfg, self.run_dir = setup, setup.config, run_dir
         self.make_iterator = make_iterator
         self.checkpointer, self.writer = checkpointer, writer
+        self.weight_sources = weight_sources
         self.process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-        self.rest = init_rest(setup)
+        self.rest: Fixed | None = None  # set by restore_or_init
         self.data = make_iterator(self.cfg.data, self.cfg.data.train_split, **self.process)
         self.train_step = make_train_step(setup)
         self.eval_step = make_eval_step(setup)
@@ -96,12 +109,19 @@ class _Run:
         self.results: dict[str, Any] = {}
 
     def restore_or_init(self) -> TrainState:
+        """The restored or fresh train state; sets `rest` (frozen params from their weight
+        sources). A restore checks the frozen weight files' hashes before loading anything."""
         latest = self.checkpointer.latest_step()
+        sources = self.weight_sources
         if latest is None:
             log.info("no checkpoint in %s: initialising", self.checkpointer.directory)
-            return init_state(self.setup)
+            missing_files(sources)
+            self.rest = init_rest(self.setup, sources)
+            return init_state(self.setup, sources)
         log.info("resuming from %s/%d", self.checkpointer.directory, latest)
-        return self.checkpointer.restore(latest, self.setup.abstract, self.data)
+        state = self.checkpointer.restore(latest, self.setup.abstract, self.data)
+        self.rest = init_rest(self.setup, sources)  # "init" sources: the checkpoint's values win
+        return state
 
     def _eval_iterator(
         self, split: str, drop_remainder: bool = False
@@ -215,6 +235,7 @@ def train(
     make_iterator: IteratorFactory | None = None,
     build_model: ModelBuilder | None = None,
     report: ReportFn | None = None,
+    weight_sources: Sequence[WeightSource] | None = None,
 ) -> dict[str, Any]:
     """Train `config` in `run_dir` (default `config.run_dir`), resuming from its newest
     checkpoint if there is one, then run the end-of-run `report` (unless preempted).
@@ -222,8 +243,11 @@ def train(
     `make_iterator` defaults to `pretzel_jax.data.make_iterator`, or `make_stage_iterator` when
     `config.data` names a curriculum `stage`; `build_model` to
     `pretzel_jax.models.build`, in which case `report` defaults to
-    `pretzel_jax.models.report_fn(config)`. Returns the last logged metrics (train, `eval/`,
-    `report/`) with `step` and `preempted`."""
+    `pretzel_jax.models.report_fn(config)` and `weight_sources` to
+    `pretzel_jax.models.weight_sources(config)` (where the registry has it; else none).
+    `weight_sources` (`pretzel_jax.train.weights.WeightSource`) are loaded into the sharded
+    state after init. Returns the last logged metrics (train, `eval/`, `report/`) with `step`
+    and `preempted`."""
     run_dir = run_dir or config.run_dir
     if not run_dir:
         raise ConfigError("run_dir is empty; pass --run_dir or set config.run_dir")
@@ -241,11 +265,16 @@ def train(
     if build_model is None:
         from pretzel_jax import models
 
+        if weight_sources is None:
+            registered = getattr(models, "weight_sources", None)
+            weight_sources = registered(config) if registered is not None else ()
         build_model, report = models.build, report or models.report_fn(config)
+    weight_sources = tuple(weight_sources or ())
 
     is_main = jax.process_index() == 0
     setup = build_setup(config, make_mesh(config.mesh), build_model)
-    policy = describe_param_policy(setup.abstract.params, config.optim)
+    check_sources(weight_sources, setup.all_params, setup.policy.trainable)
+    policy = describe_param_policy(setup.all_params, config.optim)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
@@ -257,16 +286,20 @@ def train(
         run_dir / "param_policy.txt",
     )
 
+    for source in weight_sources:
+        log.info("weights %r (%s) from %s", source.prefix, source.role, source.path)
+
     train_cfg = config.train
     checkpointer = Checkpointer(
         run_dir / "checkpoints",
         every=train_cfg.ckpt_every,
         keep=train_cfg.keep_checkpoints,
         async_save=train_cfg.async_checkpoint,
+        weight_sources=source_records(weight_sources),
     )
     writer = MetricsWriter(run_dir, enabled=is_main)
     try:
-        run = _Run(setup, run_dir, make_iterator, checkpointer, writer)
+        run = _Run(setup, run_dir, make_iterator, checkpointer, writer, weight_sources)
         state = run.restore_or_init()
         with _SigtermFlag() as sigterm:
             state, preempted = run.train(state, sigterm)

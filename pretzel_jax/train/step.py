@@ -1,8 +1,10 @@
 """The jitted, sharded train and eval steps, and batch placement.
 
-The model is merged from the params inside the step (`nnx.merge`), so the step is a pure function
-of (state, batch, rest). A step whose loss or gradient norm is not finite leaves params and
-optimizer state untouched and is counted; the host loop decides when to give up.
+The model is merged from the trainable params and `rest` (a `Fixed`: the frozen params and the
+non-Param model state) inside the step (`nnx.merge`), so the step is a pure function of
+(state, batch, rest); only the trainable params are differentiated. A step whose loss or
+gradient norm is not finite leaves params and optimizer state untouched and is counted; the host
+loop decides when to give up.
 """
 
 from __future__ import annotations
@@ -13,16 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from pretzel_jax.nn.sharding import Rules, logical_to_spec, sharding_context
-from pretzel_jax.train.state import TrainSetup, TrainState, model_from
+from pretzel_jax.train.state import Fixed, TrainSetup, TrainState, model_from
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-TrainStep = Callable[[TrainState, Batch, nnx.State], tuple[TrainState, Metrics]]
-EvalStep = Callable[[dict, Batch, nnx.State, jax.Array], Metrics]
+TrainStep = Callable[[TrainState, Batch, Fixed], tuple[TrainState, Metrics]]
+EvalStep = Callable[[dict, Batch, Fixed, jax.Array], Metrics]
 
 # Metrics the train step adds; a model metric may not reuse these names.
 STEP_METRICS = ("loss", "grad_norm", "lr", "skipped", "nonfinite_consecutive", "nonfinite_total")
@@ -41,7 +42,7 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> Ba
     return {name: place(value) for name, value in batch.items()}
 
 
-def _model_loss(setup: TrainSetup, params, rest, batch: Batch, key: jax.Array):
+def _model_loss(setup: TrainSetup, params, rest: Fixed, batch: Batch, key: jax.Array):
     model = model_from(setup, params, rest)
     with sharding_context(setup.mesh, setup.rules):
         loss, metrics = model.loss(batch, key)
@@ -53,14 +54,14 @@ def _model_loss(setup: TrainSetup, params, rest, batch: Batch, key: jax.Array):
 
 def make_train_step(setup: TrainSetup) -> TrainStep:
     """`(state, batch, rest) -> (state, metrics)`, jitted with the state donated."""
-    policy, tx = setup.policy, setup.tx
+    tx = setup.tx
 
-    def step(state: TrainState, batch: Batch, rest: nnx.State) -> tuple[TrainState, Metrics]:
+    def step(state: TrainState, batch: Batch, rest: Fixed) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        trainable, frozen = policy.split(state.params)
+        trainable = state.params
 
         def loss_fn(trainable):
-            return _model_loss(setup, policy.merge(trainable, frozen), rest, batch, key)
+            return _model_loss(setup, trainable, rest, batch, key)
 
         (loss, model_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         grad_norm = optax.global_norm(grads)
@@ -78,7 +79,7 @@ def make_train_step(setup: TrainSetup) -> TrainStep:
         lr = setup.schedule(state.step - state.nonfinite_total)
         new_state = state.replace(
             step=state.step + 1,
-            params=policy.merge(keep_if_finite(new_trainable, trainable), frozen),
+            params=keep_if_finite(new_trainable, trainable),
             opt_state=keep_if_finite(opt_state, state.opt_state),
             nonfinite_consecutive=consecutive,
             nonfinite_total=total,
@@ -98,9 +99,10 @@ def make_train_step(setup: TrainSetup) -> TrainStep:
 
 
 def make_eval_step(setup: TrainSetup) -> EvalStep:
-    """`(params, batch, rest, key) -> {"loss", **model metrics}` (no gradients)."""
+    """`(params, batch, rest, key) -> {"loss", **model metrics}` (no gradients); `params` are
+    the trainable ones (`TrainState.params`)."""
 
-    def step(params, batch: Batch, rest: nnx.State, key: jax.Array) -> Metrics:
+    def step(params, batch: Batch, rest: Fixed, key: jax.Array) -> Metrics:
         loss, metrics = _model_loss(setup, params, rest, batch, key)
         return {"loss": loss, **metrics}
 

@@ -18,15 +18,17 @@ def test_frozen_params_are_bit_identical_and_have_no_moments():
     config = toy_config("optim.freeze=dense1")
     setup = build_setup(config, make_mesh(config.mesh), build_toy)
     state, rest = init_state(setup), init_rest(setup)
-    initial = jax.device_get(state.params)
+    initial = jax.device_get((state.params, rest.frozen))
     step = make_train_step(setup)
     for i in range(3):
         state, _ = step(state, shard_batch(toy_batch(seed=i), setup.mesh, setup.rules), rest)
-    final = jax.device_get(state.params)
+    final = jax.device_get((state.params, rest.frozen))
 
+    # Frozen params live in `rest` (not in the train state) and the step cannot change them.
+    assert "dense1" not in state.params and set(rest.frozen) == {"dense1"}
     for name in ("kernel", "bias"):
-        np.testing.assert_array_equal(final["dense1"][name], initial["dense1"][name])
-    assert not np.array_equal(final["dense2"]["kernel"], initial["dense2"]["kernel"])
+        np.testing.assert_array_equal(final[1]["dense1"][name], initial[1]["dense1"][name])
+    assert not np.array_equal(final[0]["dense2"]["kernel"], initial[0]["dense2"]["kernel"])
     opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
     opt_paths = [p for p in opt_paths if p.startswith(".opt_state")]
     assert opt_paths and not any("dense1" in p for p in opt_paths)
@@ -38,7 +40,7 @@ def test_policy_table_and_decay_mask():
     setup = build_setup(config, make_mesh(config.mesh), build_toy)
     assert setup.policy.trainable == {"dense1/kernel", "dense2/kernel", "dense2/bias", "scale"}
     assert setup.policy.decay == {"dense1/kernel", "dense2/kernel"}  # no bias, no scale
-    table = describe_param_policy(setup.abstract.params, config.optim)
+    table = describe_param_policy(setup.all_params, config.optim)
     rows = {line.split()[0]: line.split()[-2:] for line in table.splitlines()[2:-1]}
     assert rows["dense1/bias"] == ["no", "no"]
     assert rows["dense1/kernel"] == ["yes", "yes"]
