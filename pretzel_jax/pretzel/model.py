@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from pretzel_jax.flow.block import AFBlock
+from pretzel_jax.kernels import flow_affine
 from pretzel_jax.nn import Dense, KVCache, make_mask
 from pretzel_jax.nn.losses import chunked_cross_entropy
 from pretzel_jax.nn.sharding import constrain
@@ -217,15 +218,17 @@ class Pretzel(nnx.Module):
         result = dict(out, u_seq=u_seq, image_index=image_index)
         if not run_deep:
             return result
-        a, mu = out["a"], out["mu"]
-        # (a, mu) at t - 1 parametrise the latent at t.
-        a_prev = jnp.pad(a[:, :-1], ((0, 0), (1, 0), (0, 0)))
-        mu_prev = jnp.pad(mu[:, :-1], ((0, 0), (1, 0), (0, 0)))
-        sigma = self.deep.sigma(a_prev)
-        z = jnp.where(is_latent[..., None], (u_seq - mu_prev) / sigma, 0.0)  # latent slots only
         onehot = (image_index[..., None] == jnp.arange(n_img)).astype(jnp.float32)  # (B, S, I)
-        log_sigma = jnp.sum(jnp.log(sigma), -1)  # onehot keeps the latent slots
-        z2 = jnp.sum(jnp.square(z), -1)
+        if cfg.flow.affine_impl == "pallas":  # head, affine step and masked sums in one kernel
+            z, log_sigma, z2 = self._fused_affine(out["y_d"], u_seq, is_latent)
+        else:
+            # (a, mu) at t - 1 parametrise the latent at t.
+            a_prev = jnp.pad(out["a"][:, :-1], ((0, 0), (1, 0), (0, 0)))
+            mu_prev = jnp.pad(out["mu"][:, :-1], ((0, 0), (1, 0), (0, 0)))
+            sigma = self.deep.sigma(a_prev)
+            z = jnp.where(is_latent[..., None], (u_seq - mu_prev) / sigma, 0.0)
+            log_sigma = jnp.sum(jnp.log(sigma), -1) * is_latent
+            z2 = jnp.sum(jnp.square(z), -1)
         deep_logdet = -jnp.einsum("bs,bsi->bi", log_sigma, onehot)
         result.update(
             z=z,
@@ -233,6 +236,24 @@ class Pretzel(nnx.Module):
             image_z2=jnp.einsum("bs,bsi->bi", z2, onehot),
         )
         return result
+
+    def _fused_affine(self, y_d, u_seq, is_latent):
+        """The deep head on y_D at t - 1, the affine step on the latent at t and the per-position
+        sums of log sigma and z^2 over the latent slots, as one Pallas kernel."""
+        h = jnp.pad(y_d[:, :-1], ((0, 0), (1, 0), (0, 0)))
+        dtype = jnp.dtype(self.cfg.flow.compute_dtype)
+        z, log_sigma, z2 = flow_affine.affine_forward(
+            h,
+            self.deep.proj_out.kernel[...].astype(dtype),
+            self.deep.proj_out.bias[...],
+            u_seq,
+            soft_clip=self.cfg.flow.soft_clip,
+            use_softplus=self.cfg.flow.use_softplus,
+            impl="pallas",
+            mask=is_latent,
+            per_position=True,
+        )
+        return jnp.where(is_latent[..., None], z, 0.0), log_sigma, z2
 
     def streams(
         self,
