@@ -86,6 +86,7 @@ def get_config(arg: str | None = None, stage: int = 1):
         r.bpd_batches = 1
         r.batch_size = 8
         r.max_answer_tokens = 2
+        r.judge = False  # the judge trains for a minute when not cached
         c.train.steps = 4
         c.train.log_every = 2
         c.train.ckpt_every = 2

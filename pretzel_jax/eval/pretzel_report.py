@@ -59,9 +59,10 @@ def t2i_scores(model: Pretzel, layout, judge, rc: ConfigDict, seed: int) -> tupl
             )
             images.append(_uint8(gen["images"][:real]))
         images = np.concatenate(images)
-        scores = judge.score(images, prompts)
-        prefix = "t2i_" if split == "test" else "t2i_heldout_"
-        out |= {prefix + k: v for k, v in scores.items()}
+        if judge is not None:
+            scores = judge.score(images, prompts)
+            prefix = "t2i_" if split == "test" else "t2i_heldout_"
+            out |= {prefix + k: v for k, v in scores.items()}
         samples[split] = (images, [p.text for p in prompts])
     return out, samples
 
@@ -215,9 +216,9 @@ def report(
         save_weights(model, run_dir / "pretzel.safetensors")
     if use_nf:
         out |= image_bits_per_dim(model, config, data, key)
-        scores, samples = t2i_scores(
-            model, layout, shapes_judge.load(), config.model.pretzel.report, config.seed
-        )
+        rc = config.model.pretzel.report
+        judge = shapes_judge.load() if rc.judge else None
+        scores, samples = t2i_scores(model, layout, judge, rc, config.seed)
         out |= scores
         for split, (images, texts) in samples.items():
             _grid_png(images[:96], run_dir / f"t2i_{split}.png")

@@ -70,6 +70,7 @@ def default_config() -> dict:
             bpd_batches=4,  # eval batches for the per-image bits/dim
             batch_size=32,
             max_answer_tokens=6,
+            judge=True,  # score the text-to-image samples with the shapes judge
         ),
     )
 
@@ -151,17 +152,43 @@ def _check_vlm_folder(vlm, path: str) -> None:
 
 
 def _fae(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> FAE:
-    """The FAE's architecture (random weights; the `fae` weight source fills them)."""
+    """The FAE's architecture (random weights; the `fae` weight source fills them). The encoder's
+    config comes from the folder at `model.fae.encoder.path` when it exists (its config.json
+    only: no weights are read here), else from `model.fae.encoder.random`; a DINOv2 encoder
+    takes the FAE section's param/compute dtypes and remat unless `random` sets them."""
     enc = config.model.fae.encoder
+    kw = enc.random.to_dict() if enc.random is not None else {}
+    folder = enc.path and Path(enc.path).exists()
+    if enc.kind == "dinov2":
+        from pretzel_jax.convert.hf_dinov2 import read_config
+        from pretzel_jax.convert.safetensors_io import ConversionError
+        from pretzel_jax.fae.encoders import DinoV2, DinoV2Config
+
+        if enc.layers:
+            raise ConfigError("model.fae.encoder.layers applies to qwen_vision only; set it to 0")
+        ours = {k: config.model.fae[k] for k in ("param_dtype", "compute_dtype", "remat")}
+        try:
+            if folder:
+                dino = dataclasses.replace(read_config(enc.path), **ours)
+            else:
+                dino = DinoV2Config(**(ours | kw))
+        except (ConversionError, TypeError, ValueError) as e:
+            where = f"encoder.path={enc.path}" if folder else "encoder.random"
+            raise ConfigError(
+                f"model.fae.{where}: not a DINOv2 config ({e}); point encoder.path at a "
+                "Hugging Face DINOv2 folder or give DinoV2Config fields in encoder.random"
+            ) from e
+        encoder = DinoV2(dino, rngs=rngs)
+        fae_cfg = fae_config(config.model, dino.patch_size, dino.hidden_size)
+        return FAE(fae_cfg, encoder, rngs=rngs)
     if enc.kind != "qwen_vision":
         raise ConfigError(
-            f"model.fae.encoder.kind={enc.kind!r}: the pretzel kind builds qwen_vision FAEs "
-            "(the VLM's own tower) at this point"
+            f"model.fae.encoder.kind={enc.kind!r}: the pretzel kind builds qwen_vision and "
+            "dinov2 FAEs"
         )
-    if enc.path and Path(enc.path).exists():
+    if folder:
         vision = _folder_config(str(Path(enc.path).resolve())).vision
     else:
-        kw = enc.random.to_dict() if enc.random is not None else {}
         vision = VisionConfig(**kw)
     vision, _ = _first_blocks(vision, None, enc.layers)
     encoder = QwenVisionEncoder(VisionTower(vision, rngs=rngs))
