@@ -242,11 +242,11 @@ def test_pallas_affine_equals_xla_per_image(tok, lay):
         model = tiny.model(c, randomize_zero_init=True)
         graphdef, state = nnx.split(model)
 
-        def loss(state):
+        def loss(state, graphdef=graphdef):
             return nnx.merge(graphdef, state).loss(jb, None)
 
         (value, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
-        out = jax.jit(lambda s: nnx.merge(graphdef, s).forward(jb, None))(state)
+        out = jax.jit(lambda s, g=graphdef: nnx.merge(g, s).forward(jb, None))(state)
         results.append((value, out["image_logdet"], out["image_z2"], grads))
     (v0, ld0, z0, g0), (v1, ld1, z1, g1) = results
     np.testing.assert_allclose(np.asarray(ld1), np.asarray(ld0), rtol=1e-5, atol=1e-5)
