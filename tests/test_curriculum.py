@@ -28,7 +28,6 @@ NAMES = [
     "stage0_tower",
     "stage0_vlm",
     "fae",
-    "fae_adapt",
     "stage1",
     "stage2",
     "stage3",
@@ -81,7 +80,8 @@ def test_shapes_plan_and_dry_run(tmp_path, capsys):
     assert [s.name for s in full.steps] == NAMES
     by_name = {s.name: s for s in full.steps}
     assert by_name["stage0_vlm"].done == ("report.json", "hf/config.json", "hf/model.safetensors")
-    assert by_name["fae_adapt"].experiment == "experiments/shapes_fae.py:adapt"
+    assert by_name["fae"].experiment == "experiments/shapes_fae.py"
+    assert any("shapes_fae/fae.safetensors" in a for a in by_name["stage1"].commands[0])
     assert "pretzel.safetensors" in by_name["stage2"].done
     data = by_name["data"]
     assert [c[c.index("--name") + 1] for c in data.commands] == [
