@@ -165,7 +165,7 @@ def test_run_skips_done_steps_and_resumes_with_the_same_command(tmp_path, capsys
     fake = FakeRunner(plan)
     assert main(_args(tmp_path), runner=fake) == 0
     first = list(fake.calls)
-    assert len(first) == 6 + 7  # six prepare commands, seven trainings
+    assert len(first) == 6 + 6  # six prepare commands, six trainings
     order = [next(s.name for s in plan.steps if c in s.commands) for c in first]
     assert list(dict.fromkeys(order)) == NAMES[:-1]
     state = plan.state_dir
