@@ -141,11 +141,7 @@ def understanding_scores(model: Pretzel, config, layout, key) -> tuple[dict, dic
     examples = {"fae": fae_examples}
     if model.vlm.vision is not None:
         tokenizer = QwenTokenizer.from_folder(vlm_report.tokenizer_folder(data_cfg))
-        image_size = (
-            model.cfg.vlm.vision.patch_size * model.cfg.vlm.vision.spatial_merge_size * 4,
-        ) * 2
-        image_size = tuple(docs[0].segments[0].image.shape[:2]) if docs else image_size
-        opts = vlm_report.image_options(model.vlm, image_size)
+        opts = vlm_report.image_options(model.vlm, data_cfg.image_size)
         native_ask = vlm_report._Asker(model.vlm, tokenizer, opts, rc.batch_size)
         native, native_examples = vlm_report.vqa_scores(native_ask, docs, rc.max_answer_tokens)
         out |= {"native_" + k: v for k, v in native.items()}
