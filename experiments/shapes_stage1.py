@@ -67,7 +67,7 @@ def get_config(arg: str | None = None, stage: int = 1):
     c.optim.min_lr = 1e-5
     c.optim.weight_decay = 0.01
     c.optim.grad_clip = 1.0
-    c.train.steps = 2000
+    c.train.steps = 1500
     c.train.log_every = 50
     c.train.ckpt_every = 500
     if test:

@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
     c.data.vqa_branches = True
     c.optim.lr = 5e-4
     c.optim.warmup_steps = 50
-    c.train.steps = 1000
+    c.train.steps = 800
     if arg == "test":
         c.train.steps = 4
         c.optim.warmup_steps = 2
