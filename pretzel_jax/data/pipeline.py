@@ -518,9 +518,8 @@ def _vqa(doc: schema.Document, rng: np.random.Generator, data_cfg: dict, dataset
     """The record as it is, or with `vqa_questions` fresh questions about its scene: each pass
     over the data asks new ones, and each image (66 tokens at toy scale) carries more answers.
     With `vqa_branches` each question is a branch (`Document.branches`): asked of the image
-    alone, as the report and a chat user ask, not after the other questions. 1500-step stage-0
-    A/B (greedy VQA, 100 test records): 12 branched questions in 256-token rows 87%; 6 branched
-    in 192, 75%; unbranched, 6 in 192 78%, 12 in 256 73%; the records' 3 in 128, 71%."""
+    alone, as the report and a chat user ask, not after the other questions (the stage-0 A/Bs
+    behind this are in README.md, Results)."""
     doc = _as_is("vqa")(doc, rng, data_cfg, dataset)
     n = data_cfg["vqa_questions"]
     if not n:
