@@ -254,3 +254,48 @@ def test_pallas_affine_equals_xla_per_image(tok, lay):
     np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=2e-6)
+
+
+def test_native_understanding_input_uses_the_towers_features_for_context_images(tok):
+    """understanding_input="native": a context image enters the VLM as its own tower's merged
+    features (the layout's grid must be the tower's); target images keep the FAE path."""
+    import dataclasses
+
+    from pretzel_jax.vlm import VisionConfig
+
+    vision = VisionConfig(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        patch_size=2,
+        temporal_patch_size=2,
+        spatial_merge_size=1,
+        window_size=4,
+        fullatt_block_indexes=(0,),
+        out_hidden_size=32,
+    )
+    base = tiny.config(tok)
+    cfg = tiny.replace(base, vlm=dataclasses.replace(base.vlm, vision=vision))
+    lay = tiny.layout(tok, image_size=(4, 6))  # 2x3 tower tokens = the 2x3 latent grid
+    batch = tiny.batch(lay, [[tiny.vqa_doc(0), tiny.t2i_doc(1)]])
+    batch.pop("latents")  # through the (toy) FAE
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    outs = {}
+    for mode in ("fae", "native"):
+        model = tiny.model(tiny.replace(cfg, understanding_input=mode), image_size=(4, 6))
+        outs[mode] = jax.jit(lambda b, m=model: m.forward(b, None))(jb)
+    seg = batch["segment_ids"][0]
+    vqa, t2i = np.flatnonzero(seg == 1), np.flatnonzero(seg == 2)
+    first_latent = int(np.flatnonzero(batch["tokens"][0] == cfg.vlm.image_token_id)[0])
+    assert vqa[0] < first_latent < vqa[-1]
+    y_fae, y_native = (np.asarray(outs[m]["y_vlm"][0]) for m in ("fae", "native"))
+    np.testing.assert_array_equal(y_fae[:first_latent], y_native[:first_latent])
+    assert np.abs(y_fae[vqa[-1]] - y_native[vqa[-1]]).max() > 1e-4  # the context image
+    np.testing.assert_array_equal(y_fae[t2i], y_native[t2i])  # the target image's document
+    # A layout whose grid is not the tower's is refused with the fix.
+    wrong = tiny.batch(tiny.layout(tok), [[tiny.vqa_doc(0)]])
+    wrong.pop("latents")
+    model = tiny.model(tiny.replace(cfg, understanding_input="native"))
+    with pytest.raises(ValueError, match="data.latent_grid"):
+        model.forward({k: jnp.asarray(v) for k, v in wrong.items()}, None)

@@ -26,8 +26,10 @@ def tokenizer(tmp_path):
     return wt.load_word_tokenizer(tmp_path)
 
 
-def layout(tok, seq_len: int = 48, max_images: int = 2) -> Layout:
-    cfg = LayoutConfig(seq_len=seq_len, latent_grid=GRID, image_size=(4, 4), max_images=max_images)
+def layout(tok, seq_len: int = 48, max_images: int = 2, image_size=(4, 4)) -> Layout:
+    cfg = LayoutConfig(
+        seq_len=seq_len, latent_grid=GRID, image_size=image_size, max_images=max_images
+    )
     return Layout(tok, cfg)
 
 
@@ -68,10 +70,11 @@ IDS = {
 class ToyFAE(nnx.Module):
     """A stand-in FAE for 4x4 images and (2, 3, 4) latents: two linear maps."""
 
-    def __init__(self, rngs: nnx.Rngs):
+    def __init__(self, rngs: nnx.Rngs, size: tuple[int, int] = (4, 4)):
         n = GRID[0] * GRID[1] * CHANNELS
-        self.enc = nnx.Linear(48, n, rngs=rngs)
-        self.dec = nnx.Linear(n, 48, rngs=rngs)
+        self.size = size
+        self.enc = nnx.Linear(size[0] * size[1] * 3, n, rngs=rngs)
+        self.dec = nnx.Linear(n, size[0] * size[1] * 3, rngs=rngs)
 
     def encode(self, images):
         x = images.reshape(images.shape[0], -1).astype(jax.numpy.float32) / 255.0
@@ -79,13 +82,18 @@ class ToyFAE(nnx.Module):
 
     def decode(self, latents):
         out = self.dec(latents.reshape(latents.shape[0], -1))
-        return jax.nn.sigmoid(out).reshape(latents.shape[0], 4, 4, 3)
+        return jax.nn.sigmoid(out).reshape(latents.shape[0], *self.size, 3)
 
 
 def model(
-    cfg: PretzelConfig, seed: int = 0, randomize_zero_init: bool = False, fae: bool = True
+    cfg: PretzelConfig,
+    seed: int = 0,
+    randomize_zero_init: bool = False,
+    fae: bool = True,
+    image_size: tuple[int, int] = (4, 4),
 ) -> Pretzel:
-    m = Pretzel(cfg, fae=ToyFAE(nnx.Rngs(seed + 100)) if fae else None, rngs=nnx.Rngs(seed))
+    toy = ToyFAE(nnx.Rngs(seed + 100), image_size) if fae else None
+    m = Pretzel(cfg, fae=toy, rngs=nnx.Rngs(seed))
     if randomize_zero_init:  # switch the coupling on: W_vlm, W_D, A's last layer, flow heads
         key = jax.random.key(seed + 1)
         state = nnx.state(m, nnx.Param)

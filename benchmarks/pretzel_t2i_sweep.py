@@ -1,0 +1,71 @@
+"""Text-to-image judge scores of a trained Pretzel stage over CFG scales and noise temperatures
+(fresh GenEval-style prompts, seen shape-colour pairs), to pick the report's defaults.
+
+    python benchmarks/pretzel_t2i_sweep.py --config experiments/shapes_stage1.py \
+        --weights runs/shapes_stage1/pretzel.safetensors --guidance 0,1,2,3 --temperature 1,0.8
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import numpy as np
+
+from pretzel_jax import models
+from pretzel_jax.data.pipeline import make_layout
+from pretzel_jax.data.shapes.grammar import geneval_prompts
+from pretzel_jax.data.shapes.scene import is_seen_combo
+from pretzel_jax.eval import shapes_judge
+from pretzel_jax.pretzel import generate
+from pretzel_jax.train.config import load_config
+from pretzel_jax.train.mesh import make_mesh
+from pretzel_jax.train.state import build_setup, init_rest, init_state, model_from
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--weights", required=True)
+    ap.add_argument("--guidance", default="0,1,2,3")
+    ap.add_argument("--temperature", default="1")
+    ap.add_argument("--per_category", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args()
+    config = load_config(args.config, overrides=[f"model.pretzel.init_from={args.weights}"])
+    setup = build_setup(config, make_mesh(config.mesh), models.build)
+    sources = models.weight_sources(config)
+    model = model_from(setup, init_state(setup, sources).params, init_rest(setup, sources))
+    layout = make_layout(config.data)
+    judge = shapes_judge.load()
+    prompts = geneval_prompts(np.random.default_rng(0), args.per_category, allowed=is_seen_combo)
+    print(
+        "| guidance | temperature | overall | "
+        + " | ".join(sorted({p.category for p in prompts}))
+        + " |"
+    )
+    for w in map(float, args.guidance.split(",")):
+        for t in map(float, args.temperature.split(",")):
+            images = []
+            for s in range(0, len(prompts), args.batch):
+                chunk = prompts[s : s + args.batch]
+                real = len(chunk)
+                chunk = chunk + [chunk[-1]] * (args.batch - real)
+                out = generate.t2i(
+                    model,
+                    [layout.encode(p.text) for p in chunk],
+                    jax.random.key(s),
+                    guidance=w,
+                    pad_id=layout.pad_id,
+                    temperature=t,
+                )
+                images.append(
+                    np.clip(np.round(out["images"][:real] * 255), 0, 255).astype(np.uint8)
+                )
+            scores = judge.score(np.concatenate(images), prompts)
+            cats = " | ".join(f"{scores[c]:.3f}" for c in sorted({p.category for p in prompts}))
+            print(f"| {w} | {t} | {scores['overall']:.3f} | {cats} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
