@@ -11,14 +11,11 @@ images are the frozen VLM's.
 `:test` is a seconds-long smoke size.
 """
 
-import importlib.util
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location(
-    "_shapes_stage1", Path(__file__).with_name("shapes_stage1.py")
-)
-stage1 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(stage1)
+from pretzel_jax.train.config import load_experiment
+
+stage1 = load_experiment(Path(__file__).with_name("shapes_stage1.py"))
 
 
 def get_config(arg: str | None = None):

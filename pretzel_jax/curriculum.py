@@ -35,9 +35,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pretzel_jax.train.config import CLI_PREFIX as _PREFIX
+from pretzel_jax.train.config import cli_overrides
+
 KINDS = ("prepare", "train", "report")
 STATE_DIR = "curriculum"  # under runs_dir: steps.json, <step>.log, summary.json, summary.md
-_PREFIX = "--config."
 
 
 class CurriculumError(Exception):
@@ -484,24 +486,6 @@ def write_summary(plan: Plan, record: Record | None = None) -> dict:
 # -- command line ----------------------------------------------------------------------------
 
 
-def _overrides(tokens: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
-    """`--config.a=v` or `--config.a v` tokens -> ["a=v", ...] (as the train CLI takes them)."""
-    out, i = [], 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith(_PREFIX):
-            parser.error(f"unrecognized argument {token!r}")
-        key = token[len(_PREFIX) :]
-        if "=" not in key:
-            if i + 1 == len(tokens):
-                parser.error(f"{token} needs a value ({token}=VALUE)")
-            i += 1
-            key = f"{key}={tokens[i]}"
-        out.append(key)
-        i += 1
-    return out
-
-
 def main(argv: Sequence[str] | None = None, runner: Runner = run_command) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pretzel_jax.curriculum",
@@ -516,7 +500,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_command) -> int
     group.add_argument("--only", metavar="STEP", help="run this step alone (unless done)")
     group.add_argument("--from", dest="start", metavar="STEP", help="run from this step on")
     args, rest = parser.parse_known_args(argv)
-    overrides = _overrides(rest, parser)
+    overrides = cli_overrides(rest, parser.error)
     from pretzel_jax.train.errors import ConfigError
 
     try:

@@ -11,29 +11,9 @@ from pathlib import Path
 
 from absl import flags
 
-from pretzel_jax.train.config import load_config
+from pretzel_jax.train.config import cli_overrides, load_config
 from pretzel_jax.train.errors import CheckpointError, ConfigError, NonFiniteError
 from pretzel_jax.train.loop import train
-
-_PREFIX = "--config."
-
-
-def _overrides(tokens: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
-    """`--config.a.b=v` or `--config.a.b v` tokens -> ["a.b=v", ...]."""
-    out, i = [], 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith(_PREFIX):
-            parser.error(f"unrecognized argument {token!r}")
-        key = token[len(_PREFIX) :]
-        if "=" not in key:
-            if i + 1 == len(tokens):
-                parser.error(f"{token} needs a value ({token}=VALUE)")
-            i += 1
-            key = f"{key}={tokens[i]}"
-        out.append(key)
-        i += 1
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="call jax.distributed.initialize() first (multi-host TPU/GPU clusters)",
     )
     args, rest = parser.parse_known_args(argv)
-    overrides = _overrides(rest, parser)
+    overrides = cli_overrides(rest, parser.error)
     flags.FLAGS.mark_as_parsed()  # Grain reads absl flags; we parse our own arguments
     # force: an imported library already put a handler on the root logger. INFO only for ours:
     # Orbax logs every checkpoint step at INFO.

@@ -14,7 +14,7 @@ import importlib
 import importlib.util
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -153,6 +153,33 @@ def _load_experiment(target: str | Path | ModuleType) -> tuple[ModuleType, str, 
         raise ConfigError(
             f"cannot import experiment {text!r} ({e}); pass a file path like experiments/x.py"
         ) from e
+
+
+CLI_PREFIX = "--config."
+
+
+def cli_overrides(tokens: Sequence[str], error: Callable[[str], Any]) -> list[str]:
+    """`--config.a.b=v` or `--config.a.b v` command-line tokens -> ["a.b=v", ...]; `error` (an
+    argparse parser's) reports a malformed token."""
+    out, i = [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith(CLI_PREFIX):
+            error(f"unrecognized argument {token!r}")
+        key = token[len(CLI_PREFIX) :]
+        if "=" not in key:
+            if i + 1 == len(tokens):
+                error(f"{token} needs a value ({token}=VALUE)")
+            i += 1
+            key = f"{key}={tokens[i]}"
+        out.append(key)
+        i += 1
+    return out
+
+
+def load_experiment(path: str | Path) -> ModuleType:
+    """The module of an experiment file (for experiment files built on another one)."""
+    return _load_experiment(Path(path))[0]
 
 
 def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> None:
