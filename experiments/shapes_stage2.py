@@ -25,8 +25,8 @@ def get_config(arg: str | None = None):
     c.data.vqa_branches = True
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 50
-    c.train.steps = 600
-    c.train.ckpt_every = 300
+    c.train.steps = 2000  # 600 steps: FAE-path VQA 64.0% against 67.7% (README)
+    c.train.ckpt_every = 500
     if arg == "test":
         c.train.steps = 4
         c.train.ckpt_every = 2
