@@ -1,8 +1,8 @@
 """Curriculum stage 3 at toy scale: interleaved joint learning, L = L_NF + lambda L_NTP on the
 stage-3 mixture of the shapes family (text-to-image 0.3, captioning 0.1, VQA 0.2, interleaved
 stories 0.25, edits 0.15; `pretzel_jax.data.pipeline.STAGE_WEIGHTS`) plus text-only captions
-0.1. The flow stream, the adapter A and the skips W_vlm, W_D (switched on here from their zero init) train; the VLM and the
-FAE stay frozen. Starts from stage 2's `pretzel.safetensors`. The report has both stages'
+0.1. The flow stream, the adapter A and the skips W_vlm, W_D (switched on here from their zero
+init) train; the VLM and the FAE stay frozen. Starts from stage 2's `pretzel.safetensors`. The report has both stages'
 measures: text-to-image judge scores, per-image bits/dim, VQA through the FAE path against the
 native path, text-logit drift from the frozen VLM.
 
