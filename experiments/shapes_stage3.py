@@ -3,8 +3,8 @@ stage-3 mixture of the shapes family (text-to-image 0.3, captioning 0.1, VQA 0.2
 stories 0.25, edits 0.15; `pretzel_jax.data.pipeline.STAGE_WEIGHTS`) plus text-only captions
 0.1. The flow stream, the adapter A and the skips W_vlm, W_D (switched on here from their zero
 init) train; the VLM and the FAE stay frozen. Starts from stage 2's `pretzel.safetensors`. The
-report has both stages' measures: text-to-image judge scores, per-image bits/dim, VQA through the FAE path against the
-native path, text-logit drift from the frozen VLM.
+report has both stages' measures: text-to-image judge scores, per-image bits/dim, VQA through
+the FAE path against the native path, text-logit drift from the frozen VLM.
 
     python -m pretzel_jax.train --config experiments/shapes_stage3.py
 
