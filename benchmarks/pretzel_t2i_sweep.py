@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-import jax
 import numpy as np
 
 from pretzel_jax import models
@@ -17,7 +16,7 @@ from pretzel_jax.data.pipeline import make_layout
 from pretzel_jax.data.shapes.grammar import geneval_prompts
 from pretzel_jax.data.shapes.scene import is_seen_combo
 from pretzel_jax.eval import shapes_judge
-from pretzel_jax.pretzel import generate
+from pretzel_jax.eval.pretzel_report import sample_images
 from pretzel_jax.train.config import load_config
 from pretzel_jax.train.mesh import make_mesh
 from pretzel_jax.train.state import build_setup, init_rest, init_state, model_from
@@ -46,23 +45,16 @@ def main() -> None:
     )
     for w in map(float, args.guidance.split(",")):
         for t in map(float, args.temperature.split(",")):
-            images = []
-            for s in range(0, len(prompts), args.batch):
-                chunk = prompts[s : s + args.batch]
-                real = len(chunk)
-                chunk = chunk + [chunk[-1]] * (args.batch - real)
-                out = generate.t2i(
-                    model,
-                    [layout.encode(p.text) for p in chunk],
-                    jax.random.key(s),
-                    guidance=w,
-                    pad_id=layout.pad_id,
-                    temperature=t,
-                )
-                images.append(
-                    np.clip(np.round(out["images"][:real] * 255), 0, 255).astype(np.uint8)
-                )
-            scores = judge.score(np.concatenate(images), prompts)
+            images = sample_images(
+                model,
+                layout,
+                [p.text for p in prompts],
+                seed=0,
+                guidance=w,
+                batch_size=args.batch,
+                temperature=t,
+            )
+            scores = judge.score(images, prompts)
             cats = " | ".join(f"{scores[c]:.3f}" for c in sorted({p.category for p in prompts}))
             print(f"| {w} | {t} | {scores['overall']:.3f} | {cats} |", flush=True)
 

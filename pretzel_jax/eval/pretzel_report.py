@@ -30,40 +30,56 @@ from pretzel_jax.data.schema import ROLE_USER, Document, Segment
 from pretzel_jax.data.shapes.grammar import geneval_prompts
 from pretzel_jax.data.shapes.scene import is_heldout_combo, is_seen_combo
 from pretzel_jax.eval import vlm_report
+from pretzel_jax.eval.image_grid import save_grid
+from pretzel_jax.fae.model import to_uint8
 from pretzel_jax.pretzel import generate
 from pretzel_jax.pretzel.model import Pretzel
 
 T2I_SPLITS = {"test": is_seen_combo, "heldout": is_heldout_combo}
 
 
-def _uint8(images: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)
+def sample_images(
+    model: Pretzel,
+    layout,
+    texts: list[str],
+    *,
+    seed: int,
+    guidance: float,
+    batch_size: int,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """Text-to-image samples of `texts` as uint8 (N, H, W, 3), `batch_size` prompts per call
+    (the last batch padded: one compiled shape)."""
+    images = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        real = len(chunk)
+        chunk = chunk + [chunk[-1]] * (batch_size - real)
+        gen = generate.t2i(
+            model,
+            [layout.encode(t) for t in chunk],
+            jax.random.fold_in(jax.random.key(seed), start),
+            guidance=guidance,
+            pad_id=layout.pad_id,
+            temperature=temperature,
+        )
+        images.append(np.asarray(to_uint8(gen["images"][:real])))
+    return np.concatenate(images)
 
 
 def t2i_scores(model: Pretzel, layout, judge, rc: ConfigDict, seed: int) -> tuple[dict, dict]:
     out, samples = {}, {}
     for split, allowed in T2I_SPLITS.items():
         prompts = geneval_prompts(np.random.default_rng(seed), rc.t2i_per_category, allowed=allowed)
-        images = []
-        for start in range(0, len(prompts), rc.batch_size):
-            chunk = prompts[start : start + rc.batch_size]
-            real = len(chunk)
-            chunk = chunk + [chunk[-1]] * (rc.batch_size - real)  # one compiled batch size
-            key = jax.random.fold_in(jax.random.key(seed), start)
-            gen = generate.t2i(
-                model,
-                [layout.encode(p.text) for p in chunk],
-                key,
-                guidance=rc.guidance,
-                pad_id=layout.pad_id,
-            )
-            images.append(_uint8(gen["images"][:real]))
-        images = np.concatenate(images)
+        texts = [p.text for p in prompts]
+        images = sample_images(
+            model, layout, texts, seed=seed, guidance=rc.guidance, batch_size=rc.batch_size
+        )
         if judge is not None:
             scores = judge.score(images, prompts)
             prefix = "t2i_" if split == "test" else "t2i_heldout_"
             out |= {prefix + k: v for k, v in scores.items()}
-        samples[split] = (images, [p.text for p in prompts])
+        samples[split] = (images, texts)
     return out, samples
 
 
@@ -186,16 +202,10 @@ def text_logit_drift(model: Pretzel, layout, config) -> dict:
 
 
 def _grid_png(images: np.ndarray, path: Path, cols: int = 16) -> None:
-    from PIL import Image
-
-    n = len(images)
-    rows = -(-n // cols)
-    h, w = images.shape[1:3]
-    canvas = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        canvas[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = img
-    Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2), 0).save(path)
+    """uint8 (N, H, W, 3) -> rows of `cols` images (the last row padded white), 2x."""
+    pad = -len(images) % cols
+    images = np.concatenate([images, np.full((pad, *images.shape[1:]), 255, np.uint8)])
+    save_grid(images.reshape(-1, cols, *images.shape[1:]), str(path), scale=2)
 
 
 def report(

@@ -215,23 +215,21 @@ def build(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Pretzel:
 # -- weight sources -------------------------------------------------------------------------
 
 
-def _policy(config: ml_collections.ConfigDict):
+def _groups(config: ml_collections.ConfigDict):
+    """(top-level group -> its "/"-joined parameter paths, the optimizer's ParamPolicy)."""
     from pretzel_jax.train.optimizer import param_policy
 
     abstract = nnx.state(nnx.eval_shape(lambda: build(config, rngs=nnx.Rngs(0))), nnx.Param)
     params = abstract.to_pure_dict()
-    return params, param_policy(params, config.optim)
+    groups: dict[str, list[str]] = {}
+    for k in flatten_dict(params):
+        groups.setdefault(str(k[0]), []).append("/".join(map(str, k)))
+    return groups, param_policy(params, config.optim)
 
 
-def check_stage(config: ml_collections.ConfigDict) -> None:
+def check_stage(stage: int, groups: dict[str, list[str]], policy) -> None:
     """The stage's freeze rule: every parameter of a frozen-by-design group is frozen."""
-    stage = config.model.pretzel.stage
-    params, policy = _policy(config)
-    bad = [
-        "/".join(map(str, k))
-        for k in flatten_dict(params)
-        if k[0] in FROZEN_BY_STAGE[stage] and "/".join(map(str, k)) in policy.trainable
-    ]
+    bad = [q for g in FROZEN_BY_STAGE[stage] for q in groups.get(g, ()) if q in policy.trainable]
     if bad:
         raise ConfigError(
             f"model.pretzel.stage={stage} must not train {sorted({b.split('/')[0] for b in bad})}"
@@ -243,8 +241,9 @@ def check_stage(config: ml_collections.ConfigDict) -> None:
 def weight_sources(config: ml_collections.ConfigDict) -> list:
     from pretzel_jax.train.weights import WeightSource, load_safetensors
 
-    check_stage(config)
     p = config.model.pretzel
+    groups, policy = _groups(config)
+    check_stage(p.stage, groups, policy)
     sources = []
     needed = (("vlm_path", "the stage-0 VLM's hf/ folder"), ("fae_path", "fae.safetensors"))
     for key, what in needed:
@@ -266,22 +265,20 @@ def weight_sources(config: ml_collections.ConfigDict) -> list:
                 f"model.pretzel.init_from={p.init_from} does not exist: train the previous "
                 "stage first (its run folder holds pretzel.safetensors)"
             )
-        params, policy = _policy(config)
         in_file = _file_groups(p.init_from)
         for group in GROUPS:
-            paths = ["/".join(map(str, k)) for k in flatten_dict(params) if k[0] == group]
+            paths = groups.get(group, [])
             if not paths or group not in in_file:
                 continue
             frozen = [q for q in paths if q not in policy.trainable]
-            role = "frozen" if len(frozen) == len(paths) else "init"
-            if frozen and role == "init":
+            if frozen and len(frozen) < len(paths):
                 raise ConfigError(
                     f"optim.freeze freezes part of {group!r} ({frozen[0]} ...): freeze a whole "
                     "group or none of it"
                 )
             names = functools.partial(_prefixed, group)
             load = load_safetensors(p.init_from, names)
-            sources.append(WeightSource(group, p.init_from, load, role))
+            sources.append(WeightSource(group, p.init_from, load, "frozen" if frozen else "init"))
     return sources
 
 

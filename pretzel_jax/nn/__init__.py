@@ -1,7 +1,13 @@
 """Model-agnostic building blocks: attention + KV cache, RoPE, norms, MLPs, stacked layers,
 logical-axis sharding helpers."""
 
-from pretzel_jax.nn.attention import Attention, KVCache, dot_product_attention, make_mask
+from pretzel_jax.nn.attention import (
+    Attention,
+    KVCache,
+    dot_product_attention,
+    make_mask,
+    packed_mask,
+)
 from pretzel_jax.nn.layers import MLP, Dense, LayerNorm, RMSNorm, make_norm
 from pretzel_jax.nn.rope import apply_rope, rope_1d, rope_angles, rope_mrope, rope_sectioned
 from pretzel_jax.nn.transformer import (
@@ -26,6 +32,7 @@ __all__ = [
     "dot_product_attention",
     "make_mask",
     "make_norm",
+    "packed_mask",
     "rope_1d",
     "rope_angles",
     "rope_mrope",

@@ -89,6 +89,23 @@ def make_mask(
     return mask
 
 
+def packed_mask(
+    segment_ids: jax.Array, branch_ids: jax.Array | None = None, kv_mask: jax.Array | None = None
+) -> jax.Array:
+    """The (B, S, S) causal mask of packed rows: a token attends inside its own document
+    (`segment_ids`, 0 = padding) and, with `branch_ids`, to branch 0 and its own branch."""
+    slots = jnp.arange(segment_ids.shape[1])
+    return make_mask(
+        slots,
+        slots,
+        kv_mask=segment_ids > 0 if kv_mask is None else kv_mask,
+        q_segments=segment_ids,
+        kv_segments=segment_ids,
+        q_branches=branch_ids,
+        kv_branches=branch_ids,
+    )
+
+
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
 ) -> jax.Array:

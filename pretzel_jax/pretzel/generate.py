@@ -162,8 +162,8 @@ def answer(
     tokens, positions, mask = right_align([p[0] for p in prompts], [p[1] for p in prompts], pad_id)
     images = [img for p in prompts for img in p[2]]
     u_seq = np.zeros((*tokens.shape, model.cfg.flow.token_dim), np.float32)
+    graphdef, state = nnx.split(model)
     if images:
-        graphdef, state = nnx.split(model)
         u = np.asarray(_context_u(graphdef, state, np.stack(images), key))
         k = 0
         for i, p in enumerate(prompts):
@@ -175,7 +175,6 @@ def answer(
                 )
             u_seq[i, slots] = u[k : k + n].reshape(n * big_l, -1)
             k += n
-    graphdef, state = nnx.split(model)
     out = np.asarray(
         _answer(
             graphdef,

@@ -27,7 +27,7 @@ from flax import nnx, struct
 
 from pretzel_jax.flow.block import AFBlock
 from pretzel_jax.kernels import flow_affine
-from pretzel_jax.nn import Dense, KVCache, make_mask
+from pretzel_jax.nn import Dense, KVCache, packed_mask
 from pretzel_jax.nn.losses import chunked_cross_entropy
 from pretzel_jax.nn.sharding import constrain
 from pretzel_jax.pretzel.config import PretzelConfig
@@ -213,13 +213,16 @@ class Pretzel(nnx.Module):
 
         native = None
         if cfg.understanding_input == "native":
-            native = self._native_features(images, image_index, batch["image_target"])
-        out = self.streams(tokens, u_seq, positions, seg, branch, native=native, run_deep=run_deep)
+            native = self._native_features(images, k, image_index, batch["image_target"])
+        fused = cfg.flow.affine_impl == "pallas"
+        out = self.streams(
+            tokens, u_seq, positions, seg, branch, native=native, run_deep=run_deep, head=not fused
+        )
         result = dict(out, u_seq=u_seq, image_index=image_index)
         if not run_deep:
             return result
         onehot = (image_index[..., None] == jnp.arange(n_img)).astype(jnp.float32)  # (B, S, I)
-        if cfg.flow.affine_impl == "pallas":  # head, affine step and masked sums in one kernel
+        if fused:  # the head, affine step and masked sums in one kernel
             z, log_sigma, z2 = self._fused_affine(out["y_d"], u_seq, is_latent)
         else:
             # (a, mu) at t - 1 parametrise the latent at t.
@@ -265,10 +268,12 @@ class Pretzel(nnx.Module):
         *,
         native=None,
         run_deep: bool = True,
+        head: bool = True,
     ) -> dict:
         """Both streams, teacher-forced, over packed rows whose latent slots hold u (u_seq
         (B, S, C), zeros elsewhere). -> dict(y_vlm, y_d, a, mu, hidden = the LM head's input);
-        y_d / a / mu are None without `run_deep`."""
+        y_d / a / mu are None without `run_deep`, a / mu without `head` (the fused kernel
+        applies the head itself)."""
         b, s = tokens.shape
         kv_mask = segment_ids > 0
         is_latent, out = self._streams(
@@ -284,22 +289,13 @@ class Pretzel(nnx.Module):
         if not run_deep:
             return dict(y_vlm=y, y_d=None, a=None, mu=None, hidden=y)
         layers = out[2] if len(out) > 2 else None
-        slots = jnp.arange(s)
-        mask = make_mask(
-            slots,
-            slots,
-            kv_mask=kv_mask,
-            q_segments=segment_ids,
-            kv_segments=segment_ids,
-            q_branches=branch_ids,
-            kv_branches=branch_ids,
-        )
+        mask = packed_mask(segment_ids, branch_ids, kv_mask)
         h = self._deep_inputs(tokens, u_seq, is_latent, y, layers)
         y_d, _ = self.deep.hidden(h, rope=self.deep.rope(positions, b, s), mask=mask)
-        a, mu = self.deep.head(y_d)
+        a, mu = self.deep.head(y_d) if head else (None, None)
         return dict(y_vlm=y, y_d=y_d, a=a, mu=mu, hidden=self.text_hidden(y, y_d))
 
-    def _native_features(self, images, image_index, image_target):
+    def _native_features(self, images, k, image_index, image_target):
         """understanding_input="native": (tower features per latent slot, use mask) for the
         context (non-target) images; the tower must give L tokens per image."""
         vcfg = self.cfg.vlm.vision
@@ -316,8 +312,7 @@ class Pretzel(nnx.Module):
         feats = self.vlm.vision(patchify(images.reshape(b * n_img, h, w, -1), vcfg), grid)
         feats = feats.reshape(b, n_img * per_image, -1)
         slot = jnp.clip(image_index, 0, n_img - 1)
-        pos = jnp.cumsum(image_index >= 0, axis=1) - 1
-        feats = jnp.take_along_axis(feats, jnp.clip(pos, 0, n_img * per_image - 1)[..., None], 1)
+        feats = jnp.take_along_axis(feats, k[..., None], 1)  # k: latent slot -> token index
         context = ~jnp.take_along_axis(image_target, slot, axis=1) & (image_index >= 0)
         return feats, context
 

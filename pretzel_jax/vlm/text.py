@@ -19,7 +19,7 @@ from pretzel_jax.nn import (
     LayerStack,
     RMSNorm,
     TransformerConfig,
-    make_mask,
+    packed_mask,
     rope_angles,
     rope_mrope,
 )
@@ -156,16 +156,7 @@ class TextDecoder(nnx.Module):
         if segment_ids is not None:
             if cache is not None:
                 raise ValueError("segment_ids are for packed training; decode without them")
-            slots = jnp.arange(embeds.shape[1])
-            mask = make_mask(
-                slots,
-                slots,
-                kv_mask=kv_mask,
-                q_segments=segment_ids,
-                kv_segments=segment_ids,
-                q_branches=branch_ids,
-                kv_branches=branch_ids,
-            )
+            mask = packed_mask(segment_ids, branch_ids, kv_mask)
         out = self.layers(
             x, rope=rope, mask=mask, kv_mask=kv_mask, cache=cache, collect=return_layers
         )
