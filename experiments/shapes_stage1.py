@@ -39,6 +39,9 @@ def get_config(arg: str | None = None, stage: int = 1):
         latent_grid=(8, 8),  # the FAE's latents per 32 px image
         image_size=(32, 32),
         spatial_merge_size=2,
+        # The stage-0 VLM reads a 32 px image as 4x4 merged tokens: its stream takes the 8x8
+        # latents at the ids of that grid (M-RoPE ids it was trained on).
+        vlm_grid_stride=2,
     )
     c.model.kind = "pretzel"
     suffix = ":test" if test else ""

@@ -93,13 +93,17 @@ class LayoutConfig:
     """seq_len: tokens per packed sequence. latent_grid: (gh, gw) latent tokens of every image.
     image_size: (H, W) every image is resized to (bilinear) so images stack.
     max_images: images per packed sequence; 0 = as many slots as fit in `seq_len`.
-    spatial_merge_size: Qwen's m, only used to write `image_grid_thw` in Qwen's units."""
+    spatial_merge_size: Qwen's m, only used to write `image_grid_thw` in Qwen's units.
+    vlm_grid_stride: the Pretzel VLM stream reads latent slots on a grid this many times coarser
+      (its own tower's grid, when the FAE's is finer): text after an image resumes
+      max(gh, gw) / stride past the image's first id, where that VLM expects it."""
 
     seq_len: int
     latent_grid: tuple[int, int] = (8, 8)
     image_size: tuple[int, int] = (32, 32)
     max_images: int = 0
     spatial_merge_size: int = 2
+    vlm_grid_stride: int = 1
 
     def __post_init__(self):
         grid = tuple(int(g) for g in self.latent_grid)
@@ -112,6 +116,11 @@ class LayoutConfig:
             raise ValueError(f"image_size must be two positive ints (H, W), got {size}.")
         if self.spatial_merge_size < 1:
             raise ValueError(f"spatial_merge_size must be >= 1, got {self.spatial_merge_size}.")
+        s = self.vlm_grid_stride
+        if s < 1 or grid[0] % s or grid[1] % s:
+            raise ValueError(
+                f"vlm_grid_stride must be >= 1 and divide latent_grid {grid}, got {s}."
+            )
         if self.seq_len < self.image_slot_len:
             raise ValueError(
                 f"seq_len {self.seq_len} cannot hold one image slot ({self.image_slot_len} tokens "
@@ -366,7 +375,7 @@ class Layout:
 
     def _positions(self, is_latent: np.ndarray) -> np.ndarray:
         """M-RoPE ids as `rope_index` assigns them: text (p, p, p); an image's latents
-        (p, p + i, p + j) in raster order, after which p advances by max(gh, gw)."""
+        (p, p + i, p + j) in raster order, after which p advances by max(gh, gw) / stride."""
         gh, gw = self.config.latent_grid
         n_lat = gh * gw
         out = np.empty((len(is_latent), 3), np.int32)
@@ -378,7 +387,7 @@ class Layout:
             out[t:s] = (p + np.arange(s - t))[:, None]
             p += s - t
             out[s : s + n_lat] = p + image_offsets
-            p += max(gh, gw)
+            p += max(gh, gw) // self.config.vlm_grid_stride
             t = s + n_lat
         out[t:] = (p + np.arange(len(is_latent) - t))[:, None]
         return out

@@ -268,7 +268,8 @@ def stage_config(stage: int = 3, **overrides: Any) -> ml_collections.ConfigDict:
       weights: recipe -> mixture weight (0 = unused); defaults from STAGE_WEIGHTS.
       tokenizer_dir: folder of tokenizer.json; "" = the one saved beside the first used data set.
       batch_size: packed sequences per step (global; each process gets batch_size // count).
-      seq_len, latent_grid, image_size, max_images, spatial_merge_size: `layout.LayoutConfig`.
+      seq_len, latent_grid, image_size, max_images, spatial_merge_size, vlm_grid_stride:
+        `layout.LayoutConfig`.
       caption_dropout: fraction of t2i captions replaced by "" (the unconditional prompt for CFG).
       caption_variants: t2i/caption recipes pick a caption uniformly from the record's scene
         JSON "captions" list (when there is one) instead of always the record's text.
@@ -306,6 +307,7 @@ def stage_config(stage: int = 3, **overrides: Any) -> ml_collections.ConfigDict:
             image_size=(32, 32),
             max_images=0,
             spatial_merge_size=2,
+            vlm_grid_stride=1,
             caption_dropout=0.1 if stage in (1, 3) else 0.0,
             caption_variants=True,
             caption_prompt="",
@@ -612,6 +614,7 @@ def _layout_config(data_cfg: ml_collections.ConfigDict) -> layout.LayoutConfig:
         image_size=tuple(data_cfg.image_size),
         max_images=int(data_cfg.max_images),
         spatial_merge_size=int(data_cfg.spatial_merge_size),
+        vlm_grid_stride=int(data_cfg.vlm_grid_stride),
     )
 
 

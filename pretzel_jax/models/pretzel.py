@@ -40,6 +40,8 @@ from pretzel_jax.vlm.vision import VisionTower
 
 FORMAT = "pretzel_jax.pretzel/1"
 FILE = "pretzel.safetensors"
+# PretzelConfig fields the layout fixes: config.data's, never a model key of their own.
+FROM_DATA = ("latent_grid", "vlm_grid_stride")
 GROUPS = ("deep", "shallow", "adapter", "w_vlm", "w_d", "taps")
 # Parameter groups each stage must leave frozen (DESIGN.md section 3: the curriculum).
 FROZEN_BY_STAGE = {
@@ -56,9 +58,7 @@ def stage_freeze(stage: int, *, taps: bool = False) -> tuple[str, ...]:
 
 
 def default_config() -> dict:
-    own = {
-        k: v for k, v in defaults(PretzelConfig).items() if k not in ("latent_grid",)
-    }  # latent_grid: config.data's
+    own = {k: v for k, v in defaults(PretzelConfig).items() if k not in FROM_DATA}
     return own | dict(
         vlm_path="",  # HF folder of the frozen VLM (the stage-0 VLM's `hf/` at toy scale)
         fae_path="",  # fae.safetensors of the frozen FAE
@@ -82,8 +82,9 @@ def pretzel_config(config: ml_collections.ConfigDict) -> PretzelConfig:
         _check_vlm_folder(vlm, m.pretzel.vlm_path)
     kw = {k: v for k, v in m.pretzel.to_dict().items() if k in defaults(PretzelConfig)}
     kw["vlm_taps"] = tuple(kw["vlm_taps"])
-    if "latent_grid" in config.data:  # a stage pipeline's; else PretzelConfig's default
-        kw["latent_grid"] = tuple(config.data.latent_grid)
+    for key in FROM_DATA:  # a stage pipeline's; else PretzelConfig's default
+        if key in config.data:
+            kw[key] = config.data[key]
     flow = flow_config(m, m.fae.latent_channels)
     if not flow.context_dim:
         flow = dataclasses.replace(flow, context_dim=vlm.text.hidden_size)

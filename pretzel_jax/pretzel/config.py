@@ -8,6 +8,7 @@ from pretzel_jax.flow import FlowConfig
 from pretzel_jax.vlm import VLMConfig
 
 UNDERSTANDING_INPUTS = ("fae", "native")
+W_D_SCOPES = ("all", "after_image")
 # Curriculum stage -> (flow NLL on target images, next-token loss on text targets).
 STAGE_LOSSES = {1: (True, False), 2: (False, True), 3: (True, True)}
 
@@ -20,12 +21,20 @@ class PretzelConfig:
     # the VLM width (P_t); rope "sectioned" = 3-axis RoPE on the VLM's M-RoPE ids.
     flow: FlowConfig
     latent_grid: tuple[int, int] = (8, 8)  # FAE latent tokens per image (gh, gw)
+    # The VLM stream reads latent slot (p, p + i, p + j) at (p, p + i // s, p + j // s): its own
+    # tower's grid when the FAE's is s times finer (the layout's `vlm_grid_stride`, which also
+    # resumes text where that VLM expects it). The deep block keeps the fine ids.
+    vlm_grid_stride: int = 1
     sigma_a: float = 0.3  # noise augmentation of the (unit-std) FAE latents, given and generated
     adapter_hidden: int = 0  # visual adapter A's hidden width; 0 = the VLM width
     # VLM layers that feed the flow: -1 = the final-normed hidden state (y_vlm, P_t and W_vlm);
     # others (0-based layer outputs) each through their own zero-init projection.
     vlm_taps: tuple[int, ...] = (-1,)
     understanding_input: str = "fae"  # "native": context images through the VLM's own tower
+    # Where W_D(y_D) reaches the logits: "all" text positions (the paper), or "after_image", only
+    # positions of a document that follow one of its latents, so text-only prompts keep the
+    # frozen VLM's logits exactly.
+    w_d_scope: str = "all"
     stage: int = 1  # which losses the train step computes (STAGE_LOSSES)
     lm_weight: float = 1.0  # lambda in L = L_NF + lambda * L_NTP
     ce_chunk: int = 512  # positions per block of the blockwise LM cross-entropy
@@ -48,6 +57,13 @@ class PretzelConfig:
             "understanding_input",
             f"must be one of {UNDERSTANDING_INPUTS}",
         )
+        s = self.vlm_grid_stride
+        _check(
+            s >= 1 and self.latent_grid[0] % s == 0 and self.latent_grid[1] % s == 0,
+            "vlm_grid_stride",
+            f"must be >= 1 and divide latent_grid {self.latent_grid}",
+        )
+        _check(self.w_d_scope in W_D_SCOPES, "w_d_scope", f"must be one of {W_D_SCOPES}")
         _check(self.stage in STAGE_LOSSES, "stage", f"must be one of {sorted(STAGE_LOSSES)}")
         _check(self.flow.num_blocks >= 1, "flow.layers_per_block", "needs the deep block")
         _check(

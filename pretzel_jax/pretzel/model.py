@@ -43,6 +43,7 @@ class PretzelCache:
 
     vlm: KVCache  # stacked over the VLM's layers
     deep: KVCache  # stacked over the deep block's layers
+    seen_image: jax.Array  # (B,) bool: a latent was fed (w_d_scope="after_image")
 
     @property
     def index(self) -> jax.Array:
@@ -162,20 +163,35 @@ class Pretzel(nnx.Module):
             h = h + proj(layers[t]).astype(h.dtype)
         return constrain(h, ("batch", "length", "embed"))
 
+    def vlm_positions(self, positions: jax.Array, is_latent: jax.Array) -> jax.Array:
+        """The VLM stream's M-RoPE ids: latent slots on the `vlm_grid_stride`-coarser grid."""
+        stride = self.cfg.vlm_grid_stride
+        if stride == 1:
+            return positions
+        t = positions[..., :1]
+        return jnp.where(is_latent[..., None], t + (positions - t) // stride, positions)
+
     def _streams(self, tokens, u_seq, positions, *, native=None, **vlm_kw):
         """The VLM stream over (B, T) positions (vlm_kw: kv_mask, cache, segment_ids,
         branch_ids). -> (is_latent, (y_vlm, cache[, per-layer outputs when tapped]))."""
         is_latent = tokens == self.cfg.vlm.image_token_id
         embeds = self._vlm_embeds(tokens, u_seq, is_latent, native)
         taps = any(t != -1 for t in self.cfg.vlm_taps)
-        out = self.vlm.forward(embeds, positions, return_layers=taps, **vlm_kw)
+        ids = self.vlm_positions(positions, is_latent)
+        out = self.vlm.forward(embeds, ids, return_layers=taps, **vlm_kw)
         return is_latent, out
 
-    def text_hidden(self, y_vlm: jax.Array, y_d: jax.Array | None) -> jax.Array:
-        """The LM head's input: y_vlm + W_D(y_D)."""
+    def text_hidden(
+        self, y_vlm: jax.Array, y_d: jax.Array | None, after_image: jax.Array | None = None
+    ) -> jax.Array:
+        """The LM head's input: y_vlm + W_D(y_D), with w_d_scope="after_image" only where
+        `after_image` (B, T) holds."""
         if y_d is None:
             return y_vlm
-        return y_vlm + self.w_d(y_d).astype(y_vlm.dtype)
+        skip = self.w_d(y_d).astype(y_vlm.dtype)
+        if self.cfg.w_d_scope == "after_image":
+            skip = jnp.where(after_image[..., None], skip, 0)
+        return y_vlm + skip
 
     def lm_head(self) -> jax.Array:
         """The frozen LM head as a (d_vlm, vocab) matrix."""
@@ -293,7 +309,8 @@ class Pretzel(nnx.Module):
         h = self._deep_inputs(tokens, u_seq, is_latent, y, layers)
         y_d, _ = self.deep.hidden(h, rope=self.deep.rope(positions, b, s), mask=mask)
         a, mu = self.deep.head(y_d) if head else (None, None)
-        return dict(y_vlm=y, y_d=y_d, a=a, mu=mu, hidden=self.text_hidden(y, y_d))
+        hidden = self.text_hidden(y, y_d, _after_image(is_latent, segment_ids))
+        return dict(y_vlm=y, y_d=y_d, a=a, mu=mu, hidden=hidden)
 
     def _native_features(self, images, k, image_index, image_target):
         """understanding_input="native": (tower features per latent slot, use mask) for the
@@ -362,7 +379,9 @@ class Pretzel(nnx.Module):
     def init_cache(self, batch: int, size: int, dtype=None) -> PretzelCache:
         tdt = dtype or jnp.dtype(self.cfg.vlm.text.compute_dtype)
         return PretzelCache(
-            vlm=self.vlm.init_cache(batch, size, tdt), deep=self.deep.init_cache(batch, size, dtype)
+            vlm=self.vlm.init_cache(batch, size, tdt),
+            deep=self.deep.init_cache(batch, size, dtype),
+            seen_image=jnp.zeros((batch,), bool),
         )
 
     def step(
@@ -391,7 +410,20 @@ class Pretzel(nnx.Module):
             h, rope=self.deep.rope(positions, b, t), kv_mask=kv_mask, cache=cache.deep
         )
         a, mu = self.deep.head(y_d)
-        return self.text_hidden(y, y_d), a, mu, PretzelCache(vlm=vlm_cache, deep=deep_cache)
+        seen = cache.seen_image[:, None] | (jnp.cumsum(is_latent, axis=1) > 0)
+        hidden = self.text_hidden(y, y_d, seen)
+        return hidden, a, mu, PretzelCache(vlm=vlm_cache, deep=deep_cache, seen_image=seen[:, -1])
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.vlm.logits(hidden)
+
+
+def _after_image(is_latent: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """(B, S): a latent of the same document lies at or before each position (documents are
+    contiguous runs of one segment id)."""
+    count = jnp.cumsum(is_latent, axis=1)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
+    )
+    base = jax.lax.cummax(jnp.where(starts, count - is_latent, 0), axis=1)
+    return count > base

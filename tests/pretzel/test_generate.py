@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from pretzel_jax.pretzel import generate
 from tests.pretzel import tiny
@@ -90,23 +91,26 @@ def test_greedy_answers_equal_an_uncached_argmax_loop(setup):
     got = generate.answer(
         model, [prompt, prompt], key, stop_tokens=[-1], max_new_tokens=3, pad_id=pad
     )
-    assert got[0] == got[1] and len(got[0]) == 3
-    # Slow loop: the whole growing sequence through the teacher-forced streams each step.
-    u = np.asarray(generate._context_u(*__import__("flax").nnx.split(model), laid.images, key))
-    tokens, positions = list(prompt[0]), list(prompt[1])
-    for _ in range(3):
-        t = np.asarray(tokens, np.int32)[None]
-        u_seq = np.zeros((*t.shape, tiny.CHANNELS), np.float32)
-        u_seq[0, t[0] == model.cfg.vlm.image_token_id] = u.reshape(-1, tiny.CHANNELS)
-        seg = np.ones_like(t)
-        out = model.streams(
-            jnp.asarray(t),
-            jnp.asarray(u_seq),
-            jnp.asarray(np.asarray(positions)[None]),
-            jnp.asarray(seg),
-            jnp.zeros_like(jnp.asarray(seg)),
-        )
-        nxt = int(np.argmax(np.asarray(model.logits(out["hidden"]))[0, -1]))
-        tokens.append(nxt)
-        positions.append([positions[-1][0] + 1] * 3)
-    assert got[0] == tokens[-3:]
+    assert [len(g) for g in got] == [3, 3]
+    # Slow loop per row: the whole growing sequence through the teacher-forced streams each
+    # step; the FAE path's noise is drawn for both rows' images at once, as `answer` draws it.
+    both = np.concatenate([laid.images, laid.images])
+    u_rows = np.asarray(generate._context_u(*nnx.split(model), both, key))
+    for row, u in enumerate(u_rows):
+        tokens, positions = list(prompt[0]), list(prompt[1])
+        for _ in range(3):
+            t = np.asarray(tokens, np.int32)[None]
+            u_seq = np.zeros((*t.shape, tiny.CHANNELS), np.float32)
+            u_seq[0, t[0] == model.cfg.vlm.image_token_id] = u.reshape(-1, tiny.CHANNELS)
+            seg = np.ones_like(t)
+            out = model.streams(
+                jnp.asarray(t),
+                jnp.asarray(u_seq),
+                jnp.asarray(np.asarray(positions)[None]),
+                jnp.asarray(seg),
+                jnp.zeros_like(jnp.asarray(seg)),
+            )
+            nxt = int(np.argmax(np.asarray(model.logits(out["hidden"]))[0, -1]))
+            tokens.append(nxt)
+            positions.append([positions[-1][0] + 1] * 3)
+        assert got[row] == tokens[-3:]

@@ -165,16 +165,20 @@ def test_packed_row_equals_documents_alone(tok, lay):
     np.testing.assert_allclose(nll_p[0, :2], [nll_a[0, 0], nll_a[1, 0]], rtol=1e-5)
 
 
-def test_cached_decoding_equals_teacher_forced(tok, lay):
+@pytest.mark.parametrize("stride, scope", [(1, "all"), (2, "after_image")])
+def test_cached_decoding_equals_teacher_forced(tok, stride, scope):
     """Text, image, text, image, text in one row, fed one position at a time through the joint
-    cache (after a 3-token prefill) against the teacher-forced forward."""
+    cache (after a 3-token prefill) against the teacher-forced forward; also with the VLM
+    stream on a 2x coarser grid and W_D only after an image."""
+    lay = tiny.layout(tok, vlm_grid_stride=stride)
     batch = tiny.batch(lay, [[tiny.interleaved_doc(0)]])
-    model = tiny.model(tiny.config(tok, taps=(-1, 0)), randomize_zero_init=True)
+    cfg = tiny.config(tok, taps=(-1, 0), vlm_grid_stride=stride, w_d_scope=scope)
+    model = tiny.model(cfg, randomize_zero_init=True)
     tokens = jnp.asarray(batch["tokens"])
     positions = jnp.asarray(batch["positions"])
     seg = jnp.asarray(batch["segment_ids"])
     length = int(np.asarray(seg[0] > 0).sum())
-    assert int(np.sum(np.asarray(tokens[0, :length]) == model.cfg.vlm.image_token_id)) == 12
+    assert int(np.sum(np.asarray(tokens[0, :length]) == model.cfg.vlm.image_token_id)) == 16
     s = tokens.shape[1]
     u_seq = jnp.asarray(np.random.default_rng(0).normal(size=(1, s, tiny.CHANNELS)), jnp.float32)
     u_seq = jnp.where((tokens == model.cfg.vlm.image_token_id)[..., None], u_seq, 0.0)
@@ -198,6 +202,57 @@ def test_cached_decoding_equals_teacher_forced(tok, lay):
         np.testing.assert_allclose(
             np.asarray(have[0]), np.asarray(want[0, :length]), atol=3e-5, rtol=3e-5
         )
+
+
+def test_vlm_grid_stride_gives_the_vlm_its_own_grid(tok):
+    """Stride 2: the VLM reads an image's latents at (p, p + i // 2, p + j // 2) and the text
+    after it resumes one past the coarse grid (Qwen's rule on that grid); the deep block keeps
+    the fine ids."""
+    lay = tiny.layout(tok, vlm_grid_stride=2)
+    batch = tiny.batch(lay, [[tiny.interleaved_doc(0)]])
+    model = tiny.model(tiny.config(tok, vlm_grid_stride=2))
+    tokens, fine = batch["tokens"][0], batch["positions"][0]
+    is_latent = tokens == model.cfg.vlm.image_token_id
+    ids = np.asarray(model.vlm_positions(jnp.asarray(fine), jnp.asarray(is_latent)))
+    gh, gw = tiny.GRID
+    rows, cols = np.divmod(np.arange(gh * gw), gw)
+    starts = np.flatnonzero(np.diff(np.concatenate([[0], is_latent.astype(int)])) == 1)
+    assert len(starts) == 2
+    for s in starts:
+        p = fine[s, 0]
+        np.testing.assert_array_equal(
+            fine[s : s + gh * gw], p + np.stack([0 * rows, rows, cols], 1)
+        )
+        coarse = p + np.stack([0 * rows, rows // 2, cols // 2], 1)
+        np.testing.assert_array_equal(ids[s : s + gh * gw], coarse)
+        # <vision_end> right after the image: one past the coarse grid's largest id.
+        np.testing.assert_array_equal(ids[s + gh * gw], [coarse.max() + 1] * 3)
+    np.testing.assert_array_equal(ids[~is_latent], fine[~is_latent])
+
+
+def test_w_d_after_image_keeps_text_only_logits_the_frozen_vlms(tok, lay):
+    """With the coupling trained (random), w_d_scope="after_image" leaves the logits of text-only
+    documents and of a document's text before its first image bit-exactly the frozen VLM's;
+    after the image W_D acts."""
+    batch = tiny.batch(lay, [[tiny.text_doc(0), tiny.t2i_doc(1)], [tiny.interleaved_doc(2)]])
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    model = tiny.model(tiny.config(tok, w_d_scope="after_image"), randomize_zero_init=True)
+    ours = np.asarray(jax.jit(lambda b: model.logits(model.forward(b, None)["hidden"]))(jb))
+    # The frozen VLM alone, given the same adapter outputs at the latent slots.
+    out = jax.jit(lambda b: model.forward(b, None, run_deep=False))(jb)
+    alone = np.asarray(model.logits(out["hidden"]))
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    is_latent = tokens == model.cfg.vlm.image_token_id
+    after = np.zeros_like(is_latent)
+    for r in range(len(tokens)):
+        for d in np.unique(seg[r][seg[r] > 0]):
+            at = np.flatnonzero(seg[r] == d)
+            first = at[is_latent[r, at]]
+            if len(first):
+                after[r, at[at >= first[0]]] = True
+    assert after.any() and (~after & (seg > 0)).any()
+    np.testing.assert_array_equal(ours[~after], alone[~after])
+    assert np.abs(ours[after & ~is_latent] - alone[after & ~is_latent]).min() > 0
 
 
 def test_loss_by_stage_and_masks(tok, lay):
@@ -277,13 +332,13 @@ def test_native_understanding_input_uses_the_towers_features_for_context_images(
     )
     base = tiny.config(tok)
     cfg = tiny.replace(base, vlm=dataclasses.replace(base.vlm, vision=vision))
-    lay = tiny.layout(tok, image_size=(4, 6))  # 2x3 tower tokens = the 2x3 latent grid
+    lay = tiny.layout(tok, image_size=(4, 8))  # 2x4 tower tokens = the 2x4 latent grid
     batch = tiny.batch(lay, [[tiny.vqa_doc(0), tiny.t2i_doc(1)]])
     batch.pop("latents")  # through the (toy) FAE
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
     outs = {}
     for mode in ("fae", "native"):
-        model = tiny.model(tiny.replace(cfg, understanding_input=mode), image_size=(4, 6))
+        model = tiny.model(tiny.replace(cfg, understanding_input=mode), image_size=(4, 8))
         outs[mode] = jax.jit(lambda b, m=model: m.forward(b, None))(jb)
     seg = batch["segment_ids"][0]
     vqa, t2i = np.flatnonzero(seg == 1), np.flatnonzero(seg == 2)

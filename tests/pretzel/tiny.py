@@ -17,7 +17,7 @@ from pretzel_jax.pretzel import Pretzel, PretzelConfig
 from pretzel_jax.vlm import TextConfig, VLMConfig
 
 WORDS = ["a", "red", "blue", "circle", "square", "two", "left", "of", "yes", "no", "?", "."]
-GRID = (2, 3)
+GRID = (2, 4)
 CHANNELS = 4
 
 
@@ -26,14 +26,20 @@ def tokenizer(tmp_path):
     return wt.load_word_tokenizer(tmp_path)
 
 
-def layout(tok, seq_len: int = 48, max_images: int = 2, image_size=(4, 4)) -> Layout:
+def layout(
+    tok, seq_len: int = 48, max_images: int = 2, image_size=(4, 4), vlm_grid_stride: int = 1
+) -> Layout:
     cfg = LayoutConfig(
-        seq_len=seq_len, latent_grid=GRID, image_size=image_size, max_images=max_images
+        seq_len=seq_len,
+        latent_grid=GRID,
+        image_size=image_size,
+        max_images=max_images,
+        vlm_grid_stride=vlm_grid_stride,
     )
     return Layout(tok, cfg)
 
 
-def config(tok, *, stage: int = 3, taps=(-1,), layers=(1, 2)) -> PretzelConfig:
+def config(tok, *, stage: int = 3, taps=(-1,), layers=(1, 2), **kw) -> PretzelConfig:
     text = TextConfig(
         vocab_size=tok.get_vocab_size(),
         hidden_size=32,
@@ -56,7 +62,7 @@ def config(tok, *, stage: int = 3, taps=(-1,), layers=(1, 2)) -> PretzelConfig:
         rope="sectioned",
         rope_sections=(2, 3, 3),
     )
-    return PretzelConfig(vlm=vlm, flow=flow, latent_grid=GRID, stage=stage, vlm_taps=taps)
+    return PretzelConfig(vlm=vlm, flow=flow, latent_grid=GRID, stage=stage, vlm_taps=taps, **kw)
 
 
 IDS = {
@@ -68,7 +74,7 @@ IDS = {
 
 
 class ToyFAE(nnx.Module):
-    """A stand-in FAE for 4x4 images and (2, 3, 4) latents: two linear maps."""
+    """A stand-in FAE for 4x4 images and (2, 4, 4) latents: two linear maps."""
 
     def __init__(self, rngs: nnx.Rngs, size: tuple[int, int] = (4, 4)):
         n = GRID[0] * GRID[1] * CHANNELS
