@@ -32,7 +32,7 @@ from pretzel_jax.data.shapes.scene import is_heldout_combo, is_seen_combo
 from pretzel_jax.eval import vlm_report
 from pretzel_jax.eval.image_grid import save_grid
 from pretzel_jax.fae.model import to_uint8
-from pretzel_jax.pretzel import generate
+from pretzel_jax.pretzel import generate, sampler
 from pretzel_jax.pretzel.model import Pretzel
 
 T2I_SPLITS = {"test": is_seen_combo, "heldout": is_heldout_combo}
@@ -174,7 +174,7 @@ def text_logit_drift(model: Pretzel, layout, config) -> dict:
         np.asarray(layout.encode(d.segments[0].text if d.segments[0].text else "a"), np.int32)
         for d in docs
     ]
-    tokens, positions, mask = generate.right_align(
+    tokens, positions, mask = sampler.right_align(
         rows, [generate.text_positions(len(r)) for r in rows], layout.pad_id
     )
     seg = mask.astype(np.int32)

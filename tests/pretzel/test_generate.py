@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pretzel_jax.pretzel import generate
+from pretzel_jax.pretzel import generate, sampler
 from tests.pretzel import tiny
 
 
@@ -61,8 +61,13 @@ def test_t2i_samples_invert_the_teacher_forced_flow(setup):
     tok, model = setup
     prompts = [tok.encode("a red circle").ids, tok.encode("two blue square left of a").ids]
     key = jax.random.key(0)
+    big_l = model.cfg.latents_per_image
+    keys = sampler.row_keys(key, 2)
     noise = np.asarray(
-        jax.random.normal(key, (2, model.cfg.latents_per_image, tiny.CHANNELS), jnp.float32)
+        [
+            [jax.random.normal(sampler.position_key(k, n), (tiny.CHANNELS,)) for n in range(big_l)]
+            for k in keys
+        ]
     )
     out = generate.t2i(model, prompts, key, pad_id=tok.token_to_id("<|endoftext|>"))
     for i, p in enumerate(prompts):
@@ -95,7 +100,8 @@ def test_greedy_answers_equal_an_uncached_argmax_loop(setup):
     # Slow loop per row: the whole growing sequence through the teacher-forced streams each
     # step; the FAE path's noise is drawn for both rows' images at once, as `answer` draws it.
     both = np.concatenate([laid.images, laid.images])
-    u_rows = np.asarray(generate._context_u(*nnx.split(model), both, key))
+    image_keys = jnp.stack([sampler.context_key(k, 0) for k in sampler.row_keys(key, 2)])
+    u_rows = np.asarray(sampler._context_u(*nnx.split(model), both, image_keys))
     for row, u in enumerate(u_rows):
         tokens, positions = list(prompt[0]), list(prompt[1])
         for _ in range(3):

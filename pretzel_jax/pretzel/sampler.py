@@ -1,0 +1,342 @@
+"""The interleaved sampler: one jitted `lax.while_loop` over the joint cache, one position per row
+per iteration, each row in its own mode (DESIGN.md section 4, "interleaved"):
+
+  text   the LM head's next token (greedy, or temperature / top-k / top-p); `<vision_start>`
+         switches the row to image mode, a stop token ends it
+  image  L latent steps of the deep block: u_j = mu + sigma * eps from the (a, mu) of the previous
+         position (STARFlow's Gaussian-product CFG against an unconditional row), fed back into
+         both streams at the image's M-RoPE ids (no re-encoding); then `<vision_end>` and text
+  done   writes nothing visible (kv_mask False)
+
+With guidance the batch is doubled: unconditional row i mirrors row i's images only. When row i
+opens an image, row B + i's cache is cleared and it sees `<vision_start>` and that image's latents
+at the ids of a caption-less document (training's caption dropout); between images it idles.
+
+Randomness is per row key and generated position (`position_key`, `context_key`), so a row
+samples the same in any batch. A row stops at a stop token, after `max_new` generated positions,
+or when an image would not fit the cache or the budget (it never starts an image it cannot
+finish; `STOP_REASONS`). After the loop the shallow blocks invert every image and the FAE
+decodes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pretzel_jax.flow.guidance import gaussian_product
+from pretzel_jax.pretzel.model import Pretzel
+
+TEXT, IMAGE, DONE = 0, 1, 2
+STOP_REASONS = ("running", "stop_token", "max_new", "no_room")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """max_new: positions each row may generate (text tokens, `<vision_start>`, latents,
+    `<vision_end>`). max_images: images per row (further `<vision_start>`s are banned).
+    temperature 0 = greedy text; top_k 0 / top_p 1 = off. image_temperature scales the latent
+    noise. guidance: CFG scale (0 = no unconditional rows)."""
+
+    max_new: int
+    max_images: int = 1
+    stop_tokens: tuple[int, ...] = ()
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    image_temperature: float = 1.0
+    guidance: float = 0.0
+
+
+def pick_token(logits, key, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """One token id from (V,) fp32 logits."""
+    if temperature == 0:
+        return jnp.argmax(logits).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][-1]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1:
+        order = jnp.argsort(-logits)
+        probs = jax.nn.softmax(logits[order])
+        keep = jnp.cumsum(probs) - probs < top_p  # the smallest prefix holding top_p
+        logits = logits.at[order].set(jnp.where(keep, logits[order], -jnp.inf))
+    return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+def position_key(row_key: jax.Array, n) -> jax.Array:
+    """The key of a row's n-th generated position: its token is drawn with it, or its latent
+    noise as `normal(position_key, (C,))`."""
+    return jax.random.fold_in(jax.random.split(row_key)[1], n)
+
+
+def context_key(row_key: jax.Array, k) -> jax.Array:
+    """The key of the noise augmentation of a row's k-th prompt image."""
+    return jax.random.fold_in(jax.random.split(row_key)[0], k)
+
+
+def row_keys(key: jax.Array, rows: int) -> jax.Array:
+    """One key per row: a (rows,) batch of keys as given, or a single key split."""
+    if key.shape == ():
+        return jax.random.split(key, rows)
+    if key.shape != (rows,):
+        raise ValueError(f"give one key or {rows} keys (one per prompt), got shape {key.shape}")
+    return key
+
+
+def _clear_rows(cache, rows: jax.Array):
+    """Hide every cached key of the rows where `rows` (R,) holds (caches stacked over layers)."""
+
+    def clear(kv):
+        return kv.replace(kv_mask=jnp.where(rows[None, :, None], False, kv.kv_mask))
+
+    return cache.replace(vlm=clear(cache.vlm), deep=clear(cache.deep))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv_mask, u_seq, key):
+    model: Pretzel = nnx.merge(graphdef, state)
+    mc = model.cfg
+    vs_id, ve_id, img_id = (
+        mc.vlm.vision_start_token_id,
+        mc.vlm.vision_end_token_id,
+        mc.vlm.image_token_id,
+    )
+    b = tokens.shape[0]
+    guided = cfg.guidance > 0
+    big_l, c = mc.latents_per_image, mc.flow.token_dim
+    gh, gw = mc.latent_grid
+    resume = max(gh, gw) // mc.vlm_grid_stride  # text after an image: the layout's rule
+    grid = jnp.stack([jnp.zeros(big_l, jnp.int32), *jnp.divmod(jnp.arange(big_l), gw)], -1)
+    opens = tokens[:, -1] == vs_id  # prompts ending in <vision_start> open in image mode
+    slots = max(cfg.max_images, 1)
+
+    if guided:  # unconditional rows: only an opening <vision_start>, at id 0
+        tokens = jnp.concatenate([tokens, tokens])
+        u_seq = jnp.concatenate([u_seq, u_seq])
+        kv_mask = jnp.concatenate([kv_mask, kv_mask.at[:, :-1].set(False) & opens[:, None]])
+        positions = jnp.concatenate([positions, jnp.zeros_like(positions)])
+    rows = tokens.shape[0]
+    cache = model.init_cache(rows, size)
+    h, a, mu, cache = model.step(tokens, u_seq, positions, cache, kv_mask=kv_mask)
+    p_next = positions[:b, -1, 0] + 1
+    init = dict(
+        cache=cache,
+        h=h[:b, -1],
+        a=a[:, -1],
+        mu=mu[:, -1],
+        mode=jnp.where(opens, IMAGE, TEXT),
+        j=jnp.zeros((b,), jnp.int32),
+        p=p_next,  # the next text id
+        p0=p_next,  # the open image's first id
+        n_img=opens.astype(jnp.int32),
+        n=jnp.zeros((b,), jnp.int32),
+        reason=jnp.zeros((b,), jnp.int32),
+        out=jnp.full((b, cfg.max_new), -1, jnp.int32),
+        u=jnp.zeros((b, slots, big_l, c), jnp.float32),
+    )
+    stop = jnp.asarray(cfg.stop_tokens or (-2,), jnp.int32)
+
+    def body(s):
+        keys = jax.vmap(position_key)(key, s["n"])
+        room = jnp.minimum(cfg.max_new - s["n"], size - s["cache"].index)
+        # text mode: the next token from the LM head
+        logits = model.logits(s["h"][:, None])[:, 0].astype(jnp.float32)
+        vocab = jnp.arange(logits.shape[-1])
+        banned = (vocab == img_id) | (vocab == ve_id)  # only image mode writes these
+        banned = banned | ((vocab == vs_id) & (s["n_img"] >= cfg.max_images)[:, None])
+        logits = jnp.where(banned, -jnp.inf, logits)
+        pick = functools.partial(
+            pick_token, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p
+        )
+        tok = jax.vmap(pick)(logits, keys)
+        text = s["mode"] == TEXT
+        no_room = text & (tok == vs_id) & (room < big_l + 2)  # vs, L latents, ve
+        # image mode: the next latent, or <vision_end> after the last
+        sigma = model.deep.sigma(s["a"])
+        if guided:
+            mu_e, sigma_e = gaussian_product(
+                s["mu"][:b], sigma[:b], s["mu"][b:], sigma[b:], cfg.guidance
+            )
+        else:
+            mu_e, sigma_e = s["mu"], sigma
+        eps = jax.vmap(lambda k: jax.random.normal(k, (c,), jnp.float32))(keys)
+        u = mu_e + sigma_e * (cfg.image_temperature * eps)
+        image = s["mode"] == IMAGE
+        latent = image & (s["j"] < big_l)
+        closing = image & ~latent
+        feed_tok = jnp.where(text, tok, jnp.where(latent, img_id, ve_id))
+        live = (text & ~no_room) | image
+        jj = jnp.minimum(s["j"], big_l - 1)
+        text_pos = jnp.where(closing, s["p0"] + resume, s["p"])
+        pos = jnp.where(latent[:, None], s["p0"][:, None] + grid[jj], text_pos[:, None])
+        u_feed = jnp.where(latent[:, None], u, 0.0)
+        opening = text & (tok == vs_id) & ~no_room
+        cache = s["cache"]
+        feed_tok_r, u_r, pos_r, mask_r = feed_tok, u_feed, pos, live
+        if guided:
+            cache = _clear_rows(cache, jnp.concatenate([jnp.zeros((b,), bool), opening]))
+            pos_u = jnp.where(latent[:, None], 1 + grid[jj], 0)
+            feed_tok_r = jnp.concatenate([feed_tok, feed_tok])
+            u_r = jnp.concatenate([u_feed, u_feed])
+            pos_r = jnp.concatenate([pos, pos_u])
+            mask_r = jnp.concatenate([live, opening | latent])
+        h, a, mu, cache = model.step(
+            feed_tok_r[:, None], u_r[:, None], pos_r[:, None], cache, kv_mask=mask_r[:, None]
+        )
+        n = s["n"] + live
+        r = jnp.arange(b)
+        slot = jnp.clip(s["n_img"] - 1, 0, slots - 1)
+        out_u = s["u"].at[r, slot, jj].set(jnp.where(latent[:, None], u, s["u"][r, slot, jj]))
+        at = jnp.minimum(s["n"], cfg.max_new - 1)
+        out = s["out"].at[r, at].set(jnp.where(live, feed_tok, s["out"][r, at]))
+        stopped = text & jnp.isin(tok, stop) & live
+        reason = jnp.where(
+            s["mode"] == DONE,
+            s["reason"],
+            jnp.where(
+                no_room,
+                3,
+                jnp.where(stopped, 1, jnp.where((n >= cfg.max_new) & live, 2, 0)),
+            ),
+        )
+        mode = jnp.where(opening, IMAGE, s["mode"])
+        mode = jnp.where(closing, TEXT, mode)
+        mode = jnp.where(reason > 0, DONE, mode)
+        return dict(
+            cache=cache,
+            h=jnp.where(live[:, None], h[:b, 0], s["h"]),
+            a=a[:, 0],
+            mu=mu[:, 0],
+            mode=mode,
+            j=jnp.where(opening, 0, s["j"] + latent),
+            p=jnp.where(closing, s["p0"] + resume + 1, jnp.where(text & live, s["p"] + 1, s["p"])),
+            p0=jnp.where(opening, s["p"] + 1, s["p0"]),
+            n_img=s["n_img"] + opening,
+            n=n,
+            reason=reason,
+            out=out,
+            u=out_u,
+        )
+
+    def cond(s):
+        return jnp.any(s["mode"] != DONE) & (s["cache"].index < size)
+
+    s = jax.lax.while_loop(cond, body, init)
+    reason = jnp.where(s["mode"] != DONE, 3, s["reason"])  # the cache ran out
+    x = model.shallow_inverse(s["u"].reshape(b * slots, big_l, c))
+    return dict(
+        tokens=s["out"],
+        reason=reason,
+        n_images=s["n_img"],
+        u=s["u"],
+        x=x.reshape(s["u"].shape),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _context_u(graphdef, state, images, keys):
+    """Context images (N, H, W, 3) -> u through the FAE path, each noise-augmented as in
+    training with its own key (N,)."""
+    model = nnx.merge(graphdef, state)
+    x = model.noisy_latents(images, None)
+    noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], jnp.float32))(keys)
+    u, _ = model.shallow_forward(x + model.cfg.sigma_a * noise)
+    return u
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(graphdef, state, x):
+    return nnx.merge(graphdef, state).decode(x)
+
+
+def right_align(rows: list[np.ndarray], positions: list[np.ndarray], pad_id: int):
+    """Token rows (and their (n, 3) M-RoPE ids) -> (tokens, positions, kv_mask) right-aligned."""
+    length = max(len(r) for r in rows)
+    b = len(rows)
+    tokens = np.full((b, length), pad_id, np.int32)
+    pos = np.zeros((b, length, 3), np.int32)
+    mask = np.zeros((b, length), bool)
+    for i, (r, p) in enumerate(zip(rows, positions, strict=True)):
+        tokens[i, length - len(r) :] = r
+        pos[i, length - len(r) :] = p
+        mask[i, length - len(r) :] = True
+    return tokens, pos, mask
+
+
+def text_positions(n: int, start: int = 0) -> np.ndarray:
+    return np.repeat((start + np.arange(n))[:, None], 3, axis=1).astype(np.int32)
+
+
+def prompt_arrays(model: Pretzel, prompts: list, keys: jax.Array, pad_id: int):
+    """Prompts (tokens (n,), positions (n, 3), images (k, H, W, 3) uint8 in the order of the
+    row's image slots) and row keys -> right-aligned (tokens, positions, kv_mask, u_seq): each
+    context image enters once, through the FAE path, noise-augmented as in training."""
+    big_l = model.cfg.latents_per_image
+    tokens, positions, mask = right_align([p[0] for p in prompts], [p[1] for p in prompts], pad_id)
+    images = [img for p in prompts for img in p[2]]
+    u_seq = np.zeros((*tokens.shape, model.cfg.flow.token_dim), np.float32)
+    if images:
+        image_keys = jnp.stack(
+            [context_key(keys[i], k) for i, p in enumerate(prompts) for k in range(len(p[2]))]
+        )
+        u = np.asarray(_context_u(*nnx.split(model), np.stack(images), image_keys))
+        k = 0
+        for i, p in enumerate(prompts):
+            slots = np.flatnonzero(tokens[i] == model.cfg.vlm.image_token_id)
+            n = len(p[2])
+            if len(slots) != n * big_l:
+                raise ValueError(
+                    f"prompt {i} has {len(slots)} latent slots for {n} images of {big_l} latents"
+                )
+            if n:
+                u_seq[i, slots] = u[k : k + n].reshape(n * big_l, -1)
+            k += n
+    return tokens, positions, mask, u_seq
+
+
+def sample(model: Pretzel, prompts: list, key: jax.Array, cfg: SampleConfig, *, pad_id: int):
+    """Prompts as `prompt_arrays` takes them (a prompt ending in `<vision_start>` opens an
+    image) and one key, or one per prompt (a row samples the same in any batch) -> per row
+    dict(tokens: the generated ids (`<vision_start>`, latent slots and `<vision_end>`
+    included), reason (`STOP_REASONS`), u / x (k, L, C) and images (k, H, W, 3) float in
+    [0, 1] (with an FAE) of its k generated images)."""
+    big_l = model.cfg.latents_per_image
+    if cfg.max_new < 1:
+        raise ValueError(f"SampleConfig.max_new must be >= 1, got {cfg.max_new}")
+    keys = row_keys(key, len(prompts))
+    tokens, positions, mask, u_seq = prompt_arrays(model, prompts, keys, pad_id)
+    vs = model.cfg.vlm.vision_start_token_id
+    if (tokens[:, -1] == vs).any() and (cfg.max_new < big_l + 1 or cfg.max_images < 1):
+        raise ValueError(
+            f"a prompt ends in <vision_start>: it needs max_new >= {big_l + 1} (the image and "
+            f"<vision_end>) and max_images >= 1, got {cfg.max_new} and {cfg.max_images}"
+        )
+    size = tokens.shape[1] + cfg.max_new
+    graphdef, state = nnx.split(model)
+    out = _sample(graphdef, cfg, size, state, tokens, positions, mask, u_seq, keys)
+    out = jax.tree.map(np.asarray, out)
+    images = None
+    if model.fae is not None:
+        x = out["x"]
+        images = np.asarray(_decode(graphdef, state, x.reshape(-1, *x.shape[2:])))
+        images = images.reshape(*x.shape[:2], *images.shape[1:])
+    rows = []
+    for i in range(len(prompts)):
+        ids = out["tokens"][i]
+        k = int(min(out["n_images"][i], out["u"].shape[1]))
+        row = dict(
+            tokens=[int(t) for t in ids[ids >= 0]],
+            reason=STOP_REASONS[int(out["reason"][i])],
+            u=out["u"][i, :k],
+            x=out["x"][i, :k],
+        )
+        if images is not None:
+            row["images"] = images[i, :k]
+        rows.append(row)
+    return rows
