@@ -98,6 +98,32 @@ def test_three_stages_chain_resume_and_keep_frozen_weights_out(files, tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     after = [r["loss"] for r in rows if r["step"] == 4 and "loss" in r]
     assert len(after) >= 2 and after[-1] == before[0]
+    _sample_cli(tmp_path / "stage3", tmp_path / "samples")
+
+
+def _sample_cli(run: Path, out: Path) -> None:
+    """`python -m pretzel_jax.sample` on a stage's run folder: every mode writes its PNGs and a
+    record; a folder that is not a finished stage is one clear error."""
+    from PIL import Image
+
+    from pretzel_jax.sample.__main__ import main as sample
+
+    out.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(out / "in.png")
+    want = {"t2i": 1, "understand": 0, "interleave": None, "edit": 1, "reason": None}
+    for mode, n_images in want.items():
+        args = [mode, "--run", str(run), "--text", "a red circle", "--text", "two squares"]
+        args += ["--out", str(out / mode), "--image", str(out / "in.png"), "--max_new", "80"]
+        if mode in ("t2i", "edit"):
+            args.remove("--max_new"), args.remove("80")
+        sample(args)
+        record = json.loads((out / mode / "record.json").read_text())
+        assert [s["prompt"] for s in record["samples"]] == ["a red circle", "two squares"]
+        for s in record["samples"]:
+            assert n_images is None or len(s["images"]) == n_images, (mode, s)
+            assert all((out / mode / f).is_file() for f in s["images"])
+    with pytest.raises(SystemExit, match="config.json is missing"):
+        sample(["t2i", "--run", str(out), "--text", "a"])
 
 
 def test_stage_rules_and_bad_inputs_fail_at_start(files, tmp_path, capsys):

@@ -1,0 +1,126 @@
+"""Generation modes over a trained Pretzel run folder, each one call of the interleaved sampler
+(`pretzel.sampler.sample`): prompts are laid out exactly as training lays its documents.
+
+  t2i         caption -> image
+  understand  image + question -> answer (the FAE path)
+  interleave  caption -> image, text, image, ... (up to max_images), one pass
+  edit        image + instruction -> image
+  reason      question -> (intermediate image(s)) -> answer, ending at the end of the turn
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from pretzel_jax import models
+from pretzel_jax.data.layout import Layout
+from pretzel_jax.data.pipeline import make_layout
+from pretzel_jax.data.schema import ROLE_USER, Document, Segment
+from pretzel_jax.pretzel.model import Pretzel
+from pretzel_jax.pretzel.sampler import SampleConfig, sample, text_positions
+from pretzel_jax.train.config import validate
+from pretzel_jax.train.mesh import make_mesh
+from pretzel_jax.train.state import build_setup, init_rest, init_state, model_from
+
+MODES = ("t2i", "understand", "interleave", "edit", "reason")
+
+
+def load_run(run_dir: str | Path) -> tuple[Pretzel, Layout]:
+    """A Pretzel stage's run folder (config.json + pretzel.safetensors) -> (model, layout); the
+    frozen VLM and FAE come from the files its config names."""
+    run = Path(run_dir)
+    cfg_file, weights = run / "config.json", run / "pretzel.safetensors"
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            raise FileNotFoundError(
+                f"{f} is missing: give --run the folder of a finished Pretzel stage "
+                "(python -m pretzel_jax.train --config experiments/shapes_stage1.py writes one)"
+            )
+    config = ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
+    if config.model.kind != "pretzel":
+        raise ValueError(f"{cfg_file}: model.kind is {config.model.kind!r}, not 'pretzel'")
+    config.model.pretzel.init_from = str(weights)
+    validate(config)
+    setup = build_setup(config, make_mesh(config.mesh), models.build)
+    sources = models.weight_sources(config)
+    model = model_from(setup, init_state(setup, sources).params, init_rest(setup, sources))
+    return model, make_layout(config.data)
+
+
+def prompt(layout: Layout, segments: list[Segment], *, open_image: bool, chat_tail: bool = False):
+    """(tokens, positions, context images) of `segments` laid out as training lays them; with
+    `open_image` cut right after the `<vision_start>` of a next (generated) image, with
+    `chat_tail` followed by the assistant turn's header."""
+    h, w = layout.config.image_size
+    if open_image:
+        segments = [*segments, Segment.of_image(np.zeros((h, w, 3), np.uint8), target=True)]
+    laid = layout.document(Document("prompt", "prompt", tuple(segments)))
+    tokens, positions, images = laid.tokens, laid.positions, laid.images
+    if open_image:
+        cut = int(np.flatnonzero(tokens == layout.vision_start_id)[-1]) + 1
+        return tokens[:cut], positions[:cut], images[:-1]
+    if tokens[-1] == layout.pad_id:  # a plain document's end-of-text
+        tokens, positions = tokens[:-1], positions[:-1]
+    if chat_tail:
+        tail = np.asarray([layout.im_start_id, *layout.encode("assistant\n")], np.int32)
+        start = int(positions[-1, 0]) + 1
+        tokens = np.concatenate([tokens, tail])
+        positions = np.concatenate([positions, text_positions(len(tail), start)])
+    return tokens, positions, images
+
+
+def run_mode(
+    model: Pretzel,
+    layout: Layout,
+    mode: str,
+    *,
+    text: str,
+    image: np.ndarray | None = None,
+    key: jax.Array,
+    guidance: float = 2.0,
+    temperature: float = 0.0,
+    image_temperature: float = 1.0,
+    max_new: int = 0,
+    max_images: int = 2,
+) -> dict:
+    """One prompt in `mode` -> dict(text, images (k, H, W, 3) float, tokens, reason)."""
+    big_l = model.cfg.latents_per_image
+    if mode in ("understand", "edit") and image is None:
+        raise ValueError(f"mode {mode!r} needs an image")
+    stop: tuple[int, ...] = ()
+    if mode == "t2i":
+        p = prompt(layout, [Segment.of_text(text)], open_image=True)
+        max_images, max_new = 1, big_l + 1
+    elif mode == "understand":
+        segs = [Segment.of_image(image, role=ROLE_USER), Segment.of_text(text, role=ROLE_USER)]
+        p = prompt(layout, segs, open_image=False, chat_tail=True)
+        max_images, stop = 0, (layout.im_end_id,)
+    elif mode == "edit":
+        p = prompt(layout, [Segment.of_image(image), Segment.of_text(text)], open_image=True)
+        max_images, max_new = 1, big_l + 1
+    elif mode == "interleave":
+        p = prompt(layout, [Segment.of_text(text)], open_image=True)
+    elif mode == "reason":
+        p = prompt(
+            layout, [Segment.of_text(text, role=ROLE_USER)], open_image=False, chat_tail=True
+        )
+        stop = (layout.im_end_id,)
+    else:
+        raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+    cfg = SampleConfig(
+        max_new=max_new or max_images * (big_l + 2) + 64,
+        max_images=max_images,
+        stop_tokens=stop,
+        temperature=temperature,
+        image_temperature=image_temperature,
+        guidance=guidance,
+    )
+    (out,) = sample(model, [p], key, cfg, pad_id=layout.pad_id)
+    words = [t for t in out["tokens"] if t not in (layout.image_id, *stop)]
+    out["text"] = layout.tokenizer.decode(words, skip_special_tokens=False)
+    return out
