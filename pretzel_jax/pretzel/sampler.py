@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pretzel_jax.fae.model import to_uint8
 from pretzel_jax.flow.guidance import gaussian_product
 from pretzel_jax.pretzel.model import Pretzel
 
@@ -51,6 +52,11 @@ class SampleConfig:
     top_p: float = 1.0
     image_temperature: float = 1.0
     guidance: float = 0.0
+    image_every: int = 0  # > 0: open an image after this many text tokens (a fixed schedule)
+    # The BAGEL-style baseline, for benchmarks: at each `<vision_end>` the image is decoded to
+    # pixels, re-encoded (FAE encoder, noise, shallow blocks) and the whole sequence is
+    # re-prefilled into a fresh cache.
+    reencode: bool = False
 
 
 def pick_token(logits, key, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -67,6 +73,37 @@ def pick_token(logits, key, temperature: float, top_k: int, top_p: float) -> jax
         keep = jnp.cumsum(probs) - probs < top_p  # the smallest prefix holding top_p
         logits = logits.at[order].set(jnp.where(keep, logits[order], -jnp.inf))
     return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+def _reencode(model: Pretzel, closing, keys, index, hist, image, h, a, mu, cache):
+    """The baseline's work at `<vision_end>`: the closing rows' image (u (B, L, C), first
+    slot (B,)) -> pixels -> FAE encoder -> noise -> shallow blocks -> u', written over its
+    slots; then every row's whole history re-prefilled into a fresh cache. -> the outputs at
+    slot `index` (just written) and the cache with its write index after it."""
+    image_u, start = image
+    b, big_l = image_u.shape[:2]
+    pixels = to_uint8(model.decode(model.shallow_inverse(image_u)))
+    x = model.noisy_latents(pixels, None)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x.shape[1:]))(keys)
+    u2, _ = model.shallow_forward(x + model.cfg.sigma_a * noise)
+    rows = hist["u"].shape[0]
+    at = (start[:, None] + jnp.arange(big_l))[jnp.arange(rows) % b]
+    old = jnp.take_along_axis(hist["u"], at[..., None], axis=1)
+    new = jnp.where(
+        jnp.tile(closing, rows // b)[:, None, None], jnp.tile(u2, (rows // b, 1, 1)), old
+    )
+    hist = dict(hist, u=jax.vmap(lambda h_, i, v: h_.at[i].set(v))(hist["u"], at, new))
+    fresh = model.init_cache(rows, hist["tok"].shape[1])
+    h2, a2, mu2, fresh = model.step(
+        hist["tok"], hist["u"], hist["pos"], fresh, kv_mask=hist["mask"]
+    )
+
+    def rewind(kv):
+        return kv.replace(index=jnp.full_like(kv.index, index + 1))
+
+    fresh = fresh.replace(vlm=rewind(fresh.vlm), deep=rewind(fresh.deep))
+    pick = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=index, slice_size=1, axis=1)
+    return hist, pick(h2), pick(a2), pick(mu2), fresh
 
 
 def position_key(row_key: jax.Array, n) -> jax.Array:
@@ -135,11 +172,21 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
         p=p_next,  # the next text id
         p0=p_next,  # the open image's first id
         n_img=opens.astype(jnp.int32),
+        since=jnp.zeros((b,), jnp.int32),  # text tokens since the last image
         n=jnp.zeros((b,), jnp.int32),
         reason=jnp.zeros((b,), jnp.int32),
         out=jnp.full((b, cfg.max_new), -1, jnp.int32),
         u=jnp.zeros((b, slots, big_l, c), jnp.float32),
     )
+    if cfg.reencode:  # what was fed at each cache slot, and where each row's image starts
+        pad = size - tokens.shape[1]
+        init["hist"] = dict(
+            tok=jnp.pad(tokens, ((0, 0), (0, pad))),
+            u=jnp.pad(u_seq, ((0, 0), (0, pad), (0, 0))),
+            pos=jnp.pad(positions, ((0, 0), (0, pad), (0, 0))),
+            mask=jnp.pad(kv_mask, ((0, 0), (0, pad))),
+        )
+        init["img_slot"] = jnp.full((b,), tokens.shape[1], jnp.int32)
     stop = jnp.asarray(cfg.stop_tokens or (-2,), jnp.int32)
 
     def body(s):
@@ -155,6 +202,9 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
             pick_token, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p
         )
         tok = jax.vmap(pick)(logits, keys)
+        if cfg.image_every:
+            due = (s["since"] >= cfg.image_every) & (s["n_img"] < cfg.max_images)
+            tok = jnp.where(due, vs_id, tok)
         text = s["mode"] == TEXT
         no_room = text & (tok == vs_id) & (room < big_l + 2)  # vs, L latents, ve
         # image mode: the next latent, or <vision_end> after the last
@@ -186,6 +236,7 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
             u_r = jnp.concatenate([u_feed, u_feed])
             pos_r = jnp.concatenate([pos, pos_u])
             mask_r = jnp.concatenate([live, opening | latent])
+        index = cache.index
         h, a, mu, cache = model.step(
             feed_tok_r[:, None], u_r[:, None], pos_r[:, None], cache, kv_mask=mask_r[:, None]
         )
@@ -193,6 +244,32 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
         r = jnp.arange(b)
         slot = jnp.clip(s["n_img"] - 1, 0, slots - 1)
         out_u = s["u"].at[r, slot, jj].set(jnp.where(latent[:, None], u, s["u"][r, slot, jj]))
+        extra = {}
+        if cfg.reencode:
+            hist = s["hist"]
+            if guided:
+                clear = jnp.concatenate([jnp.zeros((b,), bool), opening])
+                hist = dict(hist, mask=jnp.where(clear[:, None], False, hist["mask"]))
+            hist = dict(
+                tok=hist["tok"].at[:, index].set(feed_tok_r),
+                u=hist["u"].at[:, index].set(u_r),
+                pos=hist["pos"].at[:, index].set(pos_r),
+                mask=hist["mask"].at[:, index].set(mask_r),
+            )
+            redo = functools.partial(_reencode, model, closing, keys, index)
+            image_u = out_u[r, slot]
+            hist, h, a, mu, cache = jax.lax.cond(
+                jnp.any(closing),
+                redo,
+                lambda *args: args[:1] + args[2:],
+                hist,
+                (image_u, s["img_slot"]),
+                h,
+                a,
+                mu,
+                cache,
+            )
+            extra = dict(hist=hist, img_slot=jnp.where(opening, index + 1, s["img_slot"]))
         at = jnp.minimum(s["n"], cfg.max_new - 1)
         out = s["out"].at[r, at].set(jnp.where(live, feed_tok, s["out"][r, at]))
         stopped = text & jnp.isin(tok, stop) & live
@@ -218,10 +295,12 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
             p=jnp.where(closing, s["p0"] + resume + 1, jnp.where(text & live, s["p"] + 1, s["p"])),
             p0=jnp.where(opening, s["p"] + 1, s["p0"]),
             n_img=s["n_img"] + opening,
+            since=jnp.where(text & live, s["since"] + 1, 0),
             n=n,
             reason=reason,
             out=out,
             u=out_u,
+            **extra,
         )
 
     def cond(s):

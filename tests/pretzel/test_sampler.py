@@ -177,3 +177,25 @@ def test_generated_images_are_never_re_encoded(setup, monkeypatch):
     out = sampler.sample(model, prompts, jax.random.key(1), CFG, pad_id=pad)
     assert sum(len(r["u"]) for r in out) >= 2  # images were generated
     assert seen == [1]  # one trace of the encoder, for the one prompt image
+    # The BAGEL-style baseline re-encodes each generated image (the count can fail).
+    base = sampler.SampleConfig(**{**CFG.__dict__, "reencode": True})
+    out = sampler.sample(model, prompts, jax.random.key(1), base, pad_id=pad)
+    assert seen == [1, 4]  # (the prompt image's trace is cached) every row's image at <vision_end>
+    assert sum(len(r["u"]) for r in out) >= 2
+
+
+def test_image_every_fixes_the_schedule(setup):
+    tok, model, prompts, pad = setup
+    cfg = sampler.SampleConfig(**{**CFG.__dict__, "image_every": 4, "max_new": 2 * (L + 2) + 8})
+    vs, ve = model.cfg.vlm.vision_start_token_id, model.cfg.vlm.vision_end_token_id
+    img = model.cfg.vlm.image_token_id
+    for prompt, row in zip(
+        prompts, sampler.sample(model, prompts, jax.random.key(2), cfg, pad_id=pad), strict=True
+    ):
+        opened = prompt[0][-1] == vs
+        assert len(row["u"]) == 2
+        text = [t for t in row["tokens"] if t != img]
+        runs = "".join("v" if t == vs else "e" if t == ve else "t" for t in text)
+        assert runs.startswith("etttt" if opened else "ttttv"), runs
+        assert runs.count("v") == 2 - opened and runs.count("e") == 2
+        assert all(gap == "ttttv" for gap in runs.split("e")[1:-1])  # text between images
