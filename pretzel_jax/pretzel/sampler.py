@@ -52,7 +52,7 @@ class SampleConfig:
     top_p: float = 1.0
     image_temperature: float = 1.0
     guidance: float = 0.0
-    image_every: int = 0  # > 0: open an image after this many text tokens (a fixed schedule)
+    image_every: int = 0  # > 0: images open after exactly this many text tokens, never sooner
     # The BAGEL-style baseline, for benchmarks: at each `<vision_end>` the image is decoded to
     # pixels, re-encoded (FAE encoder, noise, shallow blocks) and the whole sequence is
     # re-prefilled into a fresh cache.
@@ -196,14 +196,16 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
         logits = model.logits(s["h"][:, None])[:, 0].astype(jnp.float32)
         vocab = jnp.arange(logits.shape[-1])
         banned = (vocab == img_id) | (vocab == ve_id)  # only image mode writes these
-        banned = banned | ((vocab == vs_id) & (s["n_img"] >= cfg.max_images)[:, None])
-        logits = jnp.where(banned, -jnp.inf, logits)
+        late = s["n_img"] >= cfg.max_images
+        if cfg.image_every:  # images open on the schedule only
+            due = (s["since"] >= cfg.image_every) & ~late
+            late = late | ~due
+        logits = jnp.where(banned | ((vocab == vs_id) & late[:, None]), -jnp.inf, logits)
         pick = functools.partial(
             pick_token, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p
         )
         tok = jax.vmap(pick)(logits, keys)
         if cfg.image_every:
-            due = (s["since"] >= cfg.image_every) & (s["n_img"] < cfg.max_images)
             tok = jnp.where(due, vs_id, tok)
         text = s["mode"] == TEXT
         no_room = text & (tok == vs_id) & (room < big_l + 2)  # vs, L latents, ve
