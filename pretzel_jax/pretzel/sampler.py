@@ -336,9 +336,10 @@ def _decode(graphdef, state, x):
     return nnx.merge(graphdef, state).decode(x)
 
 
-def right_align(rows: list[np.ndarray], positions: list[np.ndarray], pad_id: int):
-    """Token rows (and their (n, 3) M-RoPE ids) -> (tokens, positions, kv_mask) right-aligned."""
-    length = max(len(r) for r in rows)
+def right_align(rows: list[np.ndarray], positions: list[np.ndarray], pad_id: int, multiple=1):
+    """Token rows (and their (n, 3) M-RoPE ids) -> (tokens, positions, kv_mask) right-aligned,
+    the length rounded up to `multiple` (fewer compiled shapes)."""
+    length = -(-max(len(r) for r in rows) // multiple) * multiple
     b = len(rows)
     tokens = np.full((b, length), pad_id, np.int32)
     pos = np.zeros((b, length, 3), np.int32)
@@ -359,7 +360,9 @@ def prompt_arrays(model: Pretzel, prompts: list, keys: jax.Array, pad_id: int):
     row's image slots) and row keys -> right-aligned (tokens, positions, kv_mask, u_seq): each
     context image enters once, through the FAE path, noise-augmented as in training."""
     big_l = model.cfg.latents_per_image
-    tokens, positions, mask = right_align([p[0] for p in prompts], [p[1] for p in prompts], pad_id)
+    tokens, positions, mask = right_align(
+        [p[0] for p in prompts], [p[1] for p in prompts], pad_id, multiple=16
+    )
     images = [img for p in prompts for img in p[2]]
     u_seq = np.zeros((*tokens.shape, model.cfg.flow.token_dim), np.float32)
     if images:
