@@ -75,11 +75,13 @@ def t2i_scores(model: Pretzel, layout, judge, rc: ConfigDict, seed: int) -> tupl
         images = sample_images(
             model, layout, texts, seed=seed, guidance=rc.guidance, batch_size=rc.batch_size
         )
+        verdicts = None
         if judge is not None:
             scores = judge.score(images, prompts)
             prefix = "t2i_" if split == "test" else "t2i_heldout_"
             out |= {prefix + k: v for k, v in scores.items()}
-        samples[split] = (images, texts)
+            verdicts = [bool(v) for v in judge.check(images, prompts)]
+        samples[split] = (images, texts, [p.category for p in prompts], verdicts)
     return out, samples
 
 
@@ -226,9 +228,15 @@ def report(
         judge = shapes_judge.load() if rc.judge else None
         scores, samples = t2i_scores(model, layout, judge, rc, config.seed)
         out |= scores
-        for split, (images, texts) in samples.items():
-            _grid_png(images[:96], run_dir / f"t2i_{split}.png")
-            extra[f"t2i_{split}_prompts"] = texts[:96]
+        for split, (images, texts, categories, verdicts) in samples.items():
+            # One grid row per GenEval category (t2i_per_category columns); the prompts,
+            # categories and judge verdicts in grid order (eval.report shows them per image).
+            cols = rc.t2i_per_category
+            _grid_png(images[: 6 * cols], run_dir / f"t2i_{split}.png", cols=cols)
+            extra[f"t2i_{split}_prompts"] = texts[: 6 * cols]
+            extra[f"t2i_{split}_categories"] = categories[: 6 * cols]
+            if verdicts is not None:
+                extra[f"t2i_{split}_verdicts"] = verdicts[: 6 * cols]
     if use_ntp:
         scores, examples = understanding_scores(model, config, layout, key)
         out |= scores | text_logit_drift(model, layout, config)
