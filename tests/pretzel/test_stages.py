@@ -102,26 +102,29 @@ def test_three_stages_chain_resume_and_keep_frozen_weights_out(files, tmp_path):
 
 
 def _sample_cli(run: Path, out: Path) -> None:
-    """`python -m pretzel_jax.sample` on a stage's run folder: every mode writes its PNGs and a
-    record; a folder that is not a finished stage is one clear error."""
+    """`python -m pretzel_jax.sample` on a stage's run folder writes PNGs and a record per
+    prompt; every mode samples; a folder that is not a finished stage is one clear error."""
     from PIL import Image
 
     from pretzel_jax.sample.__main__ import main as sample
+    from pretzel_jax.sample.pretzel_modes import load_run, run_mode
 
-    out.mkdir()
-    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(out / "in.png")
-    want = {"t2i": 1, "understand": 0, "interleave": None, "edit": 1, "reason": None}
-    for mode, n_images in want.items():
-        args = [mode, "--run", str(run), "--text", "a red circle", "--text", "two squares"]
-        args += ["--out", str(out / mode), "--image", str(out / "in.png"), "--max_new", "80"]
-        if mode in ("t2i", "edit"):
-            args.remove("--max_new"), args.remove("80")
-        sample(args)
-        record = json.loads((out / mode / "record.json").read_text())
-        assert [s["prompt"] for s in record["samples"]] == ["a red circle", "two squares"]
-        for s in record["samples"]:
-            assert n_images is None or len(s["images"]) == n_images, (mode, s)
-            assert all((out / mode / f).is_file() for f in s["images"])
+    sample(["t2i", "--run", str(run), "--text", "a red circle", "--text", "two", "--out", str(out)])
+    record = json.loads((out / "record.json").read_text())
+    assert [s["prompt"] for s in record["samples"]] == ["a red circle", "two"]
+    for s in record["samples"]:
+        assert len(s["images"]) == 1 and Image.open(out / s["images"][0]).size == (32, 32)
+    model, layout = load_run(run)
+    image = np.full((32, 32, 3), 200, np.uint8)
+    # mode -> (images it must make, max_new: interleave opens an image of 64 latents at once)
+    want = {"understand": (0, 8), "interleave": (1, 70), "edit": (1, 0), "reason": (None, 8)}
+    for mode, (n_images, max_new) in want.items():
+        res = run_mode(
+            model, layout, mode, text="a red circle", image=image, key=jax.random.key(0),
+            guidance=0.0, max_new=max_new,
+        )  # fmt: skip
+        assert n_images is None or len(res["u"]) == n_images, (mode, res["reason"])
+        assert res["reason"] != "running"
     with pytest.raises(SystemExit, match="config.json is missing"):
         sample(["t2i", "--run", str(out), "--text", "a"])
 
