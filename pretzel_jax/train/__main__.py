@@ -41,11 +41,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides=overrides)
         default_dir = Path("runs") / Path(args.config.split(".py:")[0]).stem
-        train(config, args.run_dir or config.run_dir or default_dir)
+        run_dir = Path(args.run_dir or config.run_dir or default_dir)
+        result = train(config, run_dir)
     except (ConfigError, CheckpointError, NonFiniteError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    _summary(run_dir, result)
     return 0
+
+
+def _summary(run_dir: Path, result: dict) -> None:
+    """Where the run's outputs are and its headline numbers (the last log line is not them)."""
+    if result.get("preempted"):
+        print(f"stopped at step {result['step']} (preempted); rerun the command to resume")
+        return
+    files = sorted(
+        p.name for p in run_dir.glob("*") if p.suffix in (".json", ".png", ".safetensors")
+    )
+    print(f"done at step {result['step']}: {run_dir} holds {', '.join(files)}")
+    numbers = {k: v for k, v in result.items() if isinstance(v, float)}
+    if numbers:
+        print("  " + ", ".join(f"{k}={v:.4g}" for k, v in list(numbers.items())[:8]))
 
 
 if __name__ == "__main__":

@@ -71,10 +71,12 @@ def _checkpoint_arrays(run_dir: Path, step: int) -> set[str]:
     return {"/".join(str(getattr(k, "key", k)) for k in path) for path, _ in flat}
 
 
-def test_three_stages_chain_resume_and_keep_frozen_weights_out(files, tmp_path):
+def test_three_stages_chain_resume_and_keep_frozen_weights_out(files, tmp_path, capsys):
     for stage in (1, 2, 3):
         run = tmp_path / f"stage{stage}"
         assert main(_args(files, stage, run)) == 0
+        # The run ends by saying where its outputs are.
+        assert f"done at step 4: {run} holds " in capsys.readouterr().out
         assert (run / "pretzel.safetensors").is_file() and (run / "report.json").is_file()
         stored = _checkpoint_arrays(run, 4)
         groups = {p.split("/")[0] for p in stored}
