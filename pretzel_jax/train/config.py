@@ -199,8 +199,14 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> None:
             parent[leaf] = value
         except TypeError as e:
             raise ConfigError(
-                f"{key}={raw!r}: expected a {type(current).__name__} (current value {current!r})"
+                f"{key}={raw!r}: expected {_kind(current)} (current value {current!r})"
             ) from e
+
+
+def _kind(value: Any) -> str:
+    """How an error names the type a field expects."""
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(type(value), "a list" if isinstance(value, list | tuple) else "a value")
 
 
 def _lookup(config: ConfigDict, key: str) -> tuple[ConfigDict, str]:
@@ -238,7 +244,7 @@ def _parse(raw: str, current: Any, key: str) -> Any:
         try:
             return type(current)(text)
         except ValueError:
-            raise ConfigError(f"{key}={raw!r}: expected a {type(current).__name__}") from None
+            raise ConfigError(f"{key}={raw!r}: expected {_kind(current)}") from None
     if isinstance(current, str):
         return _literal(text) if text[:1] in "'\"" else text
     if isinstance(current, list | tuple):

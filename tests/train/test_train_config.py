@@ -82,7 +82,8 @@ def test_typo_in_experiment_file_names_the_file_and_the_key(experiment):
         (["optim.freeze=("], "optim.freeze pattern '(' is not a valid regex"),
         (["optim.min_lr=1.0"], "optim.min_lr=1.0 must be in [0, optim.lr="),
         (["train.progress_bar=maybe"], "train.progress_bar='maybe'"),
-        (["train.steps=abc"], "train.steps='abc': expected a int"),
+        (["train.steps=abc"], "train.steps='abc': expected an integer"),
+        (["optim.lr=fast"], "optim.lr='fast': expected a number"),
         (["train=3"], "train is a config section"),
     ],
 )
