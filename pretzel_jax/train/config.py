@@ -280,8 +280,23 @@ def validate(
     problems += _mesh_problems(config, device_count, process_count)
     problems += _optim_problems(config.optim, config.train.steps)
     problems += _train_problems(config.train)
+    problems += _data_problems(config.data)
     if problems:
         raise ConfigError(_report(problems))
+
+
+def _data_problems(data: ConfigDict) -> list[str]:
+    """A single-data-set pipeline must name a known data set (stage pipelines name theirs per
+    task and are checked when they open them)."""
+    if not data.get("name") or "stage" in data:  # "" = a caller's own make_iterator
+        return []
+    from pretzel_jax.data.pipeline import DATASETS  # train/ imports no data code eagerly
+
+    if data.name in DATASETS:
+        return []
+    guess = difflib.get_close_matches(str(data.name), list(DATASETS), n=1)
+    fix = f"did you mean {guess[0]!r}?" if guess else f"known: {', '.join(sorted(DATASETS))}"
+    return [f"data.name={data.name!r} is not a known data set; {fix}"]
 
 
 def _reference_config(config: ConfigDict) -> ConfigDict:

@@ -85,6 +85,10 @@ def test_typo_in_experiment_file_names_the_file_and_the_key(experiment):
         (["train.steps=abc"], "train.steps='abc': expected an integer"),
         (["optim.lr=fast"], "optim.lr='fast': expected a number"),
         (["train=3"], "train is a config section"),
+        (
+            ["data.name=digitz"],
+            "data.name='digitz' is not a known data set; did you mean 'digits'?",
+        ),
     ],
 )
 def test_impossible_settings_raise_one_config_error(experiment, overrides, message):
