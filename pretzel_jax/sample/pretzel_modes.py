@@ -105,6 +105,7 @@ def run_mode(
         max_images, max_new = 1, big_l + 1
     elif mode == "interleave":
         p = prompt(layout, [Segment.of_text(text)], open_image=True)
+        stop = (layout.pad_id,)  # a plain document's end-of-text
     elif mode == "reason":
         p = prompt(
             layout, [Segment.of_text(text, role=ROLE_USER)], open_image=False, chat_tail=True
@@ -122,5 +123,5 @@ def run_mode(
     )
     (out,) = sample(model, [p], key, cfg, pad_id=layout.pad_id)
     words = [t for t in out["tokens"] if t not in (layout.image_id, *stop)]
-    out["text"] = layout.tokenizer.decode(words, skip_special_tokens=False)
+    out["text"] = layout.tokenizer.decode(words, skip_special_tokens=True)
     return out
