@@ -23,7 +23,7 @@ from flax import nnx
 
 from pretzel_jax.data.schema import Segment
 from pretzel_jax.pretzel.sampler import SampleConfig, sample
-from pretzel_jax.sample.pretzel_modes import load_run, prompt
+from pretzel_jax.sample.pretzel_modes import load_run
 
 CAPTIONS = [
     "a red circle.",
@@ -49,7 +49,7 @@ def _median_s(fn, repeats: int) -> float:
 
 def end_to_end(model, layout, repeats: int) -> None:
     big_l = model.cfg.latents_per_image
-    prompts = [prompt(layout, [Segment.of_text(c)], open_image=True) for c in CAPTIONS]
+    prompts = [layout.prompt([Segment.of_text(c)], open_image=True) for c in CAPTIONS]
     base = dict(
         max_new=(big_l + 1) + 32 + (big_l + 2) + 32,
         max_images=2,

@@ -71,7 +71,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pretzel_jax.data.schema import KIND_IMAGE, ROLE_ASSISTANT, ROLE_NONE, ROLE_USER, Document
+from pretzel_jax.data.schema import (
+    KIND_IMAGE,
+    ROLE_ASSISTANT,
+    ROLE_NONE,
+    ROLE_USER,
+    Document,
+    Segment,
+)
 
 MODALITY_PAD = 0
 MODALITY_TEXT = 1
@@ -215,6 +222,32 @@ class Layout:
         if doc.branches:
             return self._branched(doc)
         return self._lay(self._pieces(doc), doc.id, self.config.seq_len)
+
+    def prompt(
+        self, segments: Sequence[Segment], *, open_image: bool = False, reply: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A generation prompt laid out as training lays its documents -> (tokens, positions,
+        context images). `open_image`: cut right after the `<vision_start>` of a next
+        (generated) image; `reply`: end with the assistant turn's header (the chat template's
+        generation prompt). A plain document's end-of-text is left out."""
+        segments = list(segments)
+        if open_image:
+            h, w = self.config.image_size
+            segments.append(Segment.of_image(np.zeros((h, w, 3), np.uint8), target=True))
+        laid = self.document(Document("prompt", "prompt", tuple(segments)))
+        tokens, positions, images = laid.tokens, laid.positions, laid.images
+        if open_image:
+            cut = int(np.flatnonzero(tokens == self.vision_start_id)[-1]) + 1
+            return tokens[:cut], positions[:cut], images[:-1]
+        if len(tokens) and tokens[-1] == self.pad_id:
+            tokens, positions = tokens[:-1], positions[:-1]
+        if reply:
+            tail = np.asarray([self.im_start_id, *self._role_header[ROLE_ASSISTANT]], np.int32)
+            start = int(positions[-1, 0]) + 1 if len(positions) else 0
+            tokens = np.concatenate([tokens, tail])
+            ids = np.repeat((start + np.arange(len(tail)))[:, None], 3, axis=1).astype(np.int32)
+            positions = np.concatenate([positions, ids])
+        return tokens, positions, images
 
     def _lay(self, pieces, doc_id: str, tokens_left: int) -> LaidDocument:
         cfg = self.config

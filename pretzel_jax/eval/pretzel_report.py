@@ -26,7 +26,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from pretzel_jax.data.pipeline import make_layout
-from pretzel_jax.data.schema import ROLE_USER, Document, Segment
+from pretzel_jax.data.schema import ROLE_USER, Segment
 from pretzel_jax.data.shapes.grammar import geneval_prompts
 from pretzel_jax.data.shapes.scene import is_heldout_combo, is_seen_combo
 from pretzel_jax.eval import vlm_report
@@ -116,19 +116,10 @@ class _FaeAsker:
     def __init__(self, model: Pretzel, layout, batch: int, key):
         self.model, self.layout, self.batch, self.key = model, layout, batch, key
         self.stop = [layout.im_end_id]
-        self.tail = [layout.im_start_id, *layout.encode("assistant\n")]  # generation prompt
 
     def prompt(self, image: np.ndarray, text: str):
-        doc = Document(
-            "ask",
-            "vqa",
-            (Segment.of_image(image, role=ROLE_USER), Segment.of_text(text, role=ROLE_USER)),
-        )
-        laid = self.layout.document(doc)
-        start = int(laid.positions[-1, 0]) + 1
-        tokens = np.concatenate([laid.tokens, np.asarray(self.tail, np.int32)])
-        positions = np.concatenate([laid.positions, generate.text_positions(len(self.tail), start)])
-        return tokens, positions, laid.images
+        segments = [Segment.of_image(image, role=ROLE_USER), Segment.of_text(text, role=ROLE_USER)]
+        return self.layout.prompt(segments, reply=True)
 
     def __call__(self, pairs, max_new_tokens: int) -> list[str]:
         out = []
@@ -177,7 +168,7 @@ def text_logit_drift(model: Pretzel, layout, config) -> dict:
         for d in docs
     ]
     tokens, positions, mask = sampler.right_align(
-        rows, [generate.text_positions(len(r)) for r in rows], layout.pad_id
+        rows, [sampler.text_positions(len(r)) for r in rows], layout.pad_id
     )
     seg = mask.astype(np.int32)
 

@@ -14,8 +14,6 @@ import numpy as np
 from pretzel_jax.pretzel.model import Pretzel
 from pretzel_jax.pretzel.sampler import SampleConfig, sample, text_positions
 
-__all__ = ["answer", "t2i", "text_positions"]
-
 
 def t2i(
     model: Pretzel,

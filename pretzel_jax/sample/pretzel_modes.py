@@ -20,9 +20,9 @@ import numpy as np
 from pretzel_jax import models
 from pretzel_jax.data.layout import Layout
 from pretzel_jax.data.pipeline import make_layout
-from pretzel_jax.data.schema import ROLE_USER, Document, Segment
+from pretzel_jax.data.schema import ROLE_USER, Segment
 from pretzel_jax.pretzel.model import Pretzel
-from pretzel_jax.pretzel.sampler import SampleConfig, sample, text_positions
+from pretzel_jax.pretzel.sampler import SampleConfig, sample
 from pretzel_jax.train.config import validate
 from pretzel_jax.train.mesh import make_mesh
 from pretzel_jax.train.state import build_setup, init_rest, init_state, model_from
@@ -52,28 +52,6 @@ def load_run(run_dir: str | Path) -> tuple[Pretzel, Layout]:
     return model, make_layout(config.data)
 
 
-def prompt(layout: Layout, segments: list[Segment], *, open_image: bool, chat_tail: bool = False):
-    """(tokens, positions, context images) of `segments` laid out as training lays them; with
-    `open_image` cut right after the `<vision_start>` of a next (generated) image, with
-    `chat_tail` followed by the assistant turn's header."""
-    h, w = layout.config.image_size
-    if open_image:
-        segments = [*segments, Segment.of_image(np.zeros((h, w, 3), np.uint8), target=True)]
-    laid = layout.document(Document("prompt", "prompt", tuple(segments)))
-    tokens, positions, images = laid.tokens, laid.positions, laid.images
-    if open_image:
-        cut = int(np.flatnonzero(tokens == layout.vision_start_id)[-1]) + 1
-        return tokens[:cut], positions[:cut], images[:-1]
-    if tokens[-1] == layout.pad_id:  # a plain document's end-of-text
-        tokens, positions = tokens[:-1], positions[:-1]
-    if chat_tail:
-        tail = np.asarray([layout.im_start_id, *layout.encode("assistant\n")], np.int32)
-        start = int(positions[-1, 0]) + 1
-        tokens = np.concatenate([tokens, tail])
-        positions = np.concatenate([positions, text_positions(len(tail), start)])
-    return tokens, positions, images
-
-
 def run_mode(
     model: Pretzel,
     layout: Layout,
@@ -94,22 +72,20 @@ def run_mode(
         raise ValueError(f"mode {mode!r} needs an image")
     stop: tuple[int, ...] = ()
     if mode == "t2i":
-        p = prompt(layout, [Segment.of_text(text)], open_image=True)
+        p = layout.prompt([Segment.of_text(text)], open_image=True)
         max_images, max_new = 1, big_l + 1
     elif mode == "understand":
         segs = [Segment.of_image(image, role=ROLE_USER), Segment.of_text(text, role=ROLE_USER)]
-        p = prompt(layout, segs, open_image=False, chat_tail=True)
+        p = layout.prompt(segs, reply=True)
         max_images, stop = 0, (layout.im_end_id,)
     elif mode == "edit":
-        p = prompt(layout, [Segment.of_image(image), Segment.of_text(text)], open_image=True)
+        p = layout.prompt([Segment.of_image(image), Segment.of_text(text)], open_image=True)
         max_images, max_new = 1, big_l + 1
     elif mode == "interleave":
-        p = prompt(layout, [Segment.of_text(text)], open_image=True)
+        p = layout.prompt([Segment.of_text(text)], open_image=True)
         stop = (layout.pad_id,)  # a plain document's end-of-text
     elif mode == "reason":
-        p = prompt(
-            layout, [Segment.of_text(text, role=ROLE_USER)], open_image=False, chat_tail=True
-        )
+        p = layout.prompt([Segment.of_text(text, role=ROLE_USER)], reply=True)
         stop = (layout.im_end_id,)
     else:
         raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")

@@ -44,3 +44,27 @@ def test_t2i_and_answer_are_sampler_calls(tmp_path):
         first = next((i for i, t in enumerate(r["tokens"]) if t in stop), len(r["tokens"]))
         assert g == r["tokens"][:first]
     assert any(len(g) < 5 for g in got)  # a stop token was hit
+
+
+def test_layout_prompts_are_prefixes_of_training_documents(tmp_path):
+    """A prompt is laid out exactly as the training document it starts: text-to-image up to
+    the image's `<vision_start>`, a question up to its answer (the assistant header)."""
+    tok = tiny.tokenizer(tmp_path)
+    lay = tiny.layout(tok, vlm_grid_stride=2)
+    full = lay.document(tiny.t2i_doc(0, "a red circle"))
+    tokens, positions, images = lay.prompt(
+        tiny.t2i_doc(0, "a red circle").segments[:1], open_image=True
+    )
+    n = len(tokens)
+    assert tokens[-1] == lay.vision_start_id and len(images) == 0
+    np.testing.assert_array_equal(tokens, full.tokens[:n])
+    np.testing.assert_array_equal(positions, full.positions[:n])
+    doc = tiny.vqa_doc(0)  # image and question (user), answer "yes" (assistant)
+    full = lay.document(doc)
+    tokens, positions, images = lay.prompt(doc.segments[:2], reply=True)
+    n = len(tokens)
+    answer = tok.token_to_id("yes")
+    assert full.tokens[n] == answer  # the prompt ends where the answer starts
+    np.testing.assert_array_equal(tokens, full.tokens[:n])
+    np.testing.assert_array_equal(positions, full.positions[:n])
+    np.testing.assert_array_equal(images, full.images)
