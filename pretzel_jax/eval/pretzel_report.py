@@ -27,7 +27,7 @@ from ml_collections import ConfigDict
 
 from pretzel_jax.data.pipeline import make_layout
 from pretzel_jax.data.schema import ROLE_USER, Segment
-from pretzel_jax.data.shapes.grammar import geneval_prompts
+from pretzel_jax.data.shapes.grammar import GENEVAL_CATEGORIES, geneval_prompts
 from pretzel_jax.data.shapes.scene import is_heldout_combo, is_seen_combo
 from pretzel_jax.eval import vlm_report
 from pretzel_jax.eval.image_grid import save_grid
@@ -36,6 +36,7 @@ from pretzel_jax.pretzel import generate, sampler
 from pretzel_jax.pretzel.model import Pretzel
 
 T2I_SPLITS = {"test": is_seen_combo, "heldout": is_heldout_combo}
+GRID_SCALE = 2  # sample grids are written enlarged
 
 
 def sample_images(
@@ -195,10 +196,10 @@ def text_logit_drift(model: Pretzel, layout, config) -> dict:
 
 
 def _grid_png(images: np.ndarray, path: Path, cols: int = 16) -> None:
-    """uint8 (N, H, W, 3) -> rows of `cols` images (the last row padded white), 2x."""
+    """uint8 (N, H, W, 3) -> rows of `cols` images (the last row padded white), enlarged."""
     pad = -len(images) % cols
     images = np.concatenate([images, np.full((pad, *images.shape[1:]), 255, np.uint8)])
-    save_grid(images.reshape(-1, cols, *images.shape[1:]), str(path), scale=2)
+    save_grid(images.reshape(-1, cols, *images.shape[1:]), str(path), scale=GRID_SCALE)
 
 
 def report(
@@ -223,11 +224,12 @@ def report(
             # One grid row per GenEval category (t2i_per_category columns); the prompts,
             # categories and judge verdicts in grid order (eval.report shows them per image).
             cols = rc.t2i_per_category
-            _grid_png(images[: 6 * cols], run_dir / f"t2i_{split}.png", cols=cols)
-            extra[f"t2i_{split}_prompts"] = texts[: 6 * cols]
-            extra[f"t2i_{split}_categories"] = categories[: 6 * cols]
+            shown = len(GENEVAL_CATEGORIES) * cols
+            _grid_png(images[:shown], run_dir / f"t2i_{split}.png", cols=cols)
+            extra[f"t2i_{split}_prompts"] = texts[:shown]
+            extra[f"t2i_{split}_categories"] = categories[:shown]
             if verdicts is not None:
-                extra[f"t2i_{split}_verdicts"] = verdicts[: 6 * cols]
+                extra[f"t2i_{split}_verdicts"] = verdicts[:shown]
     if use_ntp:
         scores, examples = understanding_scores(model, config, layout, key)
         out |= scores | text_logit_drift(model, layout, config)

@@ -25,6 +25,8 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from pretzel_jax.eval import vlm_report
+from pretzel_jax.eval.image_grid import read_tiles
+from pretzel_jax.eval.pretzel_report import GRID_SCALE
 from pretzel_jax.fae.model import to_uint8
 from pretzel_jax.sample.pretzel_modes import load_run, run_mode
 
@@ -76,18 +78,6 @@ def svg_curve(name: str, points: list[tuple[int, float]], w: int = 360, h: int =
     )
 
 
-def grid_tiles(path: Path, cols: int, n: int) -> list[np.ndarray]:
-    """The n tiles of an `eval.image_grid.save_grid` PNG (scale 2, 1-pixel gaps)."""
-    grid = np.asarray(Image.open(path).convert("RGB"))[::2, ::2]
-    size = (grid.shape[1] - 1) // cols - 1
-    tiles = []
-    for i in range(n):
-        r, c = divmod(i, cols)
-        y, x = 1 + r * (size + 1), 1 + c * (size + 1)
-        tiles.append(grid[y : y + size, x : x + size])
-    return tiles
-
-
 def t2i_section(run: Path, report: dict) -> str:
     parts = []
     for split in ("test", "heldout"):
@@ -97,7 +87,7 @@ def t2i_section(run: Path, report: dict) -> str:
             continue
         verdicts = report.get(f"t2i_{split}_verdicts") or [None] * len(prompts)
         cols = cats.count(cats[0])
-        tiles = grid_tiles(path, cols, len(prompts))
+        tiles = read_tiles(path, cols, len(prompts), scale=GRID_SCALE)
         prefix = "t2i_" if split == "test" else "t2i_heldout_"
         parts.append(f"<h3>text to image, {split} pairs</h3>")
         for cat in dict.fromkeys(cats):
