@@ -188,26 +188,31 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
         )
         init["img_slot"] = jnp.full((b,), tokens.shape[1], jnp.int32)
     stop = jnp.asarray(cfg.stop_tokens or (-2,), jnp.int32)
+    pick = functools.partial(
+        pick_token, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p
+    )
 
     def body(s):
         keys = jax.vmap(position_key)(key, s["n"])
         room = jnp.minimum(cfg.max_new - s["n"], size - s["cache"].index)
         # text mode: the next token from the LM head
-        logits = model.logits(s["h"][:, None])[:, 0].astype(jnp.float32)
-        vocab = jnp.arange(logits.shape[-1])
-        banned = (vocab == img_id) | (vocab == ve_id)  # only image mode writes these
         late = s["n_img"] >= cfg.max_images
         if cfg.image_every:  # images open on the schedule only
             due = (s["since"] >= cfg.image_every) & ~late
             late = late | ~due
-        logits = jnp.where(banned | ((vocab == vs_id) & late[:, None]), -jnp.inf, logits)
-        pick = functools.partial(
-            pick_token, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p
-        )
-        tok = jax.vmap(pick)(logits, keys)
+
+        def next_token(h):
+            logits = model.logits(h[:, None])[:, 0].astype(jnp.float32)
+            vocab = jnp.arange(logits.shape[-1])
+            banned = (vocab == img_id) | (vocab == ve_id)  # only image mode writes these
+            logits = jnp.where(banned | ((vocab == vs_id) & late[:, None]), -jnp.inf, logits)
+            return jax.vmap(pick)(logits, keys)
+
+        text = s["mode"] == TEXT
+        # The LM head (a vocabulary-wide matmul) only when some row is in text mode.
+        tok = jax.lax.cond(jnp.any(text), next_token, lambda h: jnp.zeros((b,), jnp.int32), s["h"])
         if cfg.image_every:
             tok = jnp.where(due, vs_id, tok)
-        text = s["mode"] == TEXT
         no_room = text & (tok == vs_id) & (room < big_l + 2)  # vs, L latents, ve
         # image mode: the next latent, or <vision_end> after the last
         sigma = model.deep.sigma(s["a"])

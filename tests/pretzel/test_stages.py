@@ -126,7 +126,6 @@ def _sample_cli(run: Path, out: Path) -> None:
             guidance=0.0, max_new=max_new,
         )  # fmt: skip
         assert n_images is None or len(res["u"]) == n_images, (mode, res["reason"])
-        assert res["reason"] != "running"
     with pytest.raises(SystemExit, match="config.json is missing"):
         sample(["t2i", "--run", str(out), "--text", "a"])
 
