@@ -7,11 +7,19 @@ of every state leaf, and every weight source's prefix, role, path and content ha
 lets a restore fail with a clear message before touching any array when the model, the optimizer
 policy or a frozen weight file changed. Frozen parameters are never written: they are rebuilt
 from their weight sources at every start.
+
+The metadata also holds a checksum of every state array (`pretzel_jax.train.integrity`), taken
+at save and checked after a restore; a state holding a NaN or an infinity is never saved. A
+damaged checkpoint (incomplete, unreadable, or failing a checksum) is refused with one line
+naming it, moved intact to `refused_checkpoints/` beside the checkpoint folder, and the restore
+falls back to the newest checkpoint that passes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,10 +29,29 @@ import jax
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
+from pretzel_jax.train import integrity
 from pretzel_jax.train.errors import CheckpointError
 from pretzel_jax.train.state import TrainState
 
+log = logging.getLogger(__name__)
+
 ITEMS = ("state", "data", "config")
+REFUSED = "refused_checkpoints"  # beside the checkpoint folder: damaged checkpoints, kept intact
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files are incomplete, unreadable or fail their checksums (a restore
+    falls back past it), as opposed to one from a different model or config (it does not)."""
+
+
+def _short(e: BaseException, limit: int = 240) -> str:
+    """`Type: message` of an exception on one line. TensorStore errors run to 60 lines of
+    specs after a chain of contexts whose innermost (the file and the cause) comes last: the
+    specs are cut and the tail kept."""
+    text = " ".join(str(e).split("[tensorstore_spec")[0].split())
+    if len(text) > limit:
+        text = "..." + text[-limit:]
+    return f"{type(e).__name__}: {text}"
 
 
 def state_signature(state: Any) -> dict[str, list]:
@@ -149,14 +176,22 @@ class Checkpointer:
     def save(
         self, step: int, state: TrainState, data_iter: Any, config: ConfigDict, *, force=False
     ) -> bool:
-        """Save if `step` is on the `every` grid or `force`; returns whether it saved."""
+        """Save if `step` is on the `every` grid or `force`; returns whether it saved. A state
+        holding a NaN or an infinity is not saved (a warning names its arrays)."""
         if step == self.latest_step() or not (force or (self.every and step % self.every == 0)):
+            return False
+        checksums, nonfinite = integrity.inspect(state)
+        if nonfinite:
+            log.warning(
+                "step %d not checkpointed: non-finite values in %s", step, ", ".join(nonfinite[:4])
+            )
             return False
         meta = {
             "step": step,
             "config": json.loads(config.to_json_best_effort()),
             "state_signature": state_signature(state),
             "weight_sources": self.weight_sources,
+            "checksums": checksums,
         }
         return self._manager.save(
             step,
@@ -168,26 +203,65 @@ class Checkpointer:
             force=True,
         )
 
+    def restore_latest(self, abstract: TrainState, data_iter: Any) -> TrainState | None:
+        """The newest checkpoint that passes its checks (`restore`), or None when there is none.
+        Damaged newer ones are moved to `refused_checkpoints/` (one warning each); when every
+        checkpoint is damaged, raises CheckpointError and moves nothing."""
+        refused: list[tuple[int, DamagedCheckpoint]] = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                state = self.restore(step, abstract, data_iter)
+            except DamagedCheckpoint as e:
+                refused.append((step, e))
+                continue
+            for bad, reason in refused:
+                aside = self._set_aside(bad)
+                log.warning("%s; moved it to %s and resumed from step %d", reason, aside, step)
+            return state
+        if refused:
+            first = str(refused[0][1])
+            older = f" (and {len(refused) - 1} older ones)" if len(refused) > 1 else ""
+            raise CheckpointError(
+                f"no checkpoint can be restored: {first}{older}. Pass a fresh --run_dir to start "
+                f"over; {self.directory} is left as it is"
+            )
+        return None
+
+    def _set_aside(self, step: int) -> Path:
+        """Move a refused step directory to `refused_checkpoints/` (never deleted)."""
+        target = self.directory.parent / REFUSED / str(step)
+        n = 0
+        while target.exists():
+            n += 1
+            target = target.with_name(f"{step}.{n}")
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(self.directory / str(step), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"refused checkpoint {step}")
+        self._manager.reload()
+        return target
+
     def restore(self, step: int, abstract: TrainState, data_iter: Any) -> TrainState:
         """The state saved at `step`, in `abstract`'s shardings; moves `data_iter` to the saved
-        position. Raises CheckpointError naming the step directory and the fix, before reading
-        any array when the state's structure or a frozen weight file differs."""
+        position. Raises DamagedCheckpoint (one line naming the step directory) when a file is
+        missing, unreadable or fails its checksum, and CheckpointError naming the fix, before
+        reading any array, when the state's structure or a frozen weight file differs."""
         path = self.directory / str(step)
-        fix = (
-            f"delete {path} to resume from the previous checkpoint, or pass a fresh --run_dir "
-            "to start over"
-        )
         missing = [item for item in ITEMS if not (path / item).is_dir()]
         if missing:
-            raise CheckpointError(f"checkpoint {path} is incomplete (no {missing}); {fix}")
+            raise DamagedCheckpoint(f"checkpoint {path} is incomplete (no {missing})")
         try:
             args = ocp.args.Composite(config=ocp.args.JsonRestore())
             meta = self._manager.restore(step, args=args)["config"]
             saved = meta["state_signature"]
             saved_weights = meta.get("weight_sources", [])
         except Exception as e:
-            raise CheckpointError(
-                f"checkpoint {path} has unreadable metadata ({type(e).__name__}: {e}); {fix}"
+            log.debug("reading %s/config failed", path, exc_info=e)
+            raise DamagedCheckpoint(
+                f"checkpoint {path} has unreadable metadata ({_short(e)})"
             ) from e
         problems = _weight_problems(saved_weights, self.weight_sources)
         if problems:
@@ -216,15 +290,30 @@ class Checkpointer:
                 ),
             )
         except Exception as e:
-            raise CheckpointError(
-                f"checkpoint {path} is corrupt or partial ({type(e).__name__}: {e}); {fix}"
-            ) from e
-        return restored["state"]
+            # The full TensorStore message (tens of lines) goes to the debug log only.
+            log.debug("reading %s failed", path, exc_info=e)
+            raise DamagedCheckpoint(f"checkpoint {path} is corrupt or partial ({_short(e)})") from e
+        state = restored["state"]
+        if "checksums" not in meta:
+            log.warning("checkpoint %s has no checksums (an older format): not verified", path)
+            return state
+        bad = integrity.mismatches(meta["checksums"], integrity.inspect(state)[0])
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise DamagedCheckpoint(
+                f"checkpoint {path} fails its checksum in array {', '.join(bad[:3])}{more} "
+                f"(files under {path / 'state'})"
+            )
+        return state
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process once any process got a preemption notice (multi-host only;
         a single process handles SIGTERM itself)."""
         return jax.process_count() > 1 and self._manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        """Wait for in-flight async saves."""
+        self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Wait for in-flight async saves, then release the manager (idempotent)."""

@@ -1,8 +1,18 @@
 """The training loop: mesh, model, state (restored or fresh), data, steps, logging, checkpoints.
 
-Restarting the same command in the same run_dir resumes from the newest checkpoint: the state,
-the data iterator position and the per-step keys (`fold_in(rng, step)`) are all restored, so the
-loss curve continues exactly. SIGTERM saves a checkpoint at the next step boundary and returns.
+Restarting the same command in the same run_dir resumes from the newest checkpoint that passes
+its checks: the state, the data iterator position and the per-step keys (`fold_in(rng, step)`)
+are all restored, so the loss curve continues exactly; rows of metrics.jsonl past the restored
+step (and any report row) are dropped and TensorBoard is told to purge them, so each step is
+logged once. No checkpoint is written inside a streak of non-finite steps.
+
+SIGTERM (single process), from the start of `train` to its return: during setup, restore and
+the first compile it stops before the first step (nothing new to save); during training it saves
+a checkpoint at the next step boundary and returns; during the end-of-run report (the final
+checkpoint is complete by then) it abandons the report. Each case logs one line and `train`
+returns with `preempted` set. Not handled: SIGTERM before `train` is called (imports, config
+loading), and on multi-host runs outside the training loop (there JAX's preemption notifier
+reads the signal, and Orbax makes every process stop at the same step).
 
 Pretrained weights enter through weight sources (`pretzel_jax.train.weights`), restored into the
 sharded state after init: "frozen" ones at every start (checkpoints record their paths and
@@ -60,13 +70,26 @@ IteratorFactory = Callable[..., Iterator[dict[str, np.ndarray]]]
 ReportFn = Callable[..., dict[str, float]]
 
 
+class _ReportStopped(Exception):
+    """SIGTERM arrived during the end-of-run report."""
+
+
 class _SigtermFlag:
-    """Records SIGTERM instead of dying. Single process only: on multi-host runs the signal is
-    left to JAX's preemption notifier and read through Orbax, so that all processes stop at the
-    same step."""
+    """Records SIGTERM instead of dying; in the "report" phase it abandons the report. Single
+    process only: on multi-host runs the signal is left to JAX's preemption notifier and read
+    through Orbax, so that all processes stop at the same step."""
+
+    _MESSAGES = {
+        "setup": "SIGTERM during setup: stopping before the first step",
+        "train": "SIGTERM: saving a checkpoint at the next step boundary, then stopping",
+        "report": "SIGTERM during the end-of-run report: abandoning it (the final checkpoint is "
+        "complete; rerun the command to redo the report)",
+        "end": "SIGTERM while closing the run: finishing that first",
+    }
 
     def __enter__(self) -> _SigtermFlag:
         self.requested = False
+        self.phase = "setup"
         self._installed = (
             jax.process_count() == 1 and threading.current_thread() is threading.main_thread()
         )
@@ -75,8 +98,10 @@ class _SigtermFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        log.warning("SIGTERM: saving a checkpoint at the next step boundary, then stopping")
+        log.warning(self._MESSAGES[self.phase])
         self.requested = True
+        if self.phase == "report":
+            raise _ReportStopped
 
     def __exit__(self, *exc) -> None:
         if self._installed:
@@ -92,12 +117,12 @@ class _Run:
         run_dir: Path,
         make_iterator: IteratorFactory,
         checkpointer: Checkpointer,
-        writer: MetricsWriter,
         weight_sources: tuple[WeightSource, ...] = (),
     ):
         self.setup, self.cfg, self.run_dir = setup, setup.config, run_dir
         self.make_iterator = make_iterator
-        self.checkpointer, self.writer = checkpointer, writer
+        self.checkpointer = checkpointer
+        self.writer: MetricsWriter | None = None  # opened once the start step is known
         self.weight_sources = weight_sources
         self.process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
         self.rest: Fixed | None = None  # set by restore_or_init
@@ -106,20 +131,22 @@ class _Run:
         self.eval_step = make_eval_step(setup)
         self.window = MetricsWindow()
         self.pending: list[tuple[int, dict[str, jax.Array]]] = []  # (step, device metrics)
+        self.streak = 0  # non-finite steps in a row, as of the last fetched step
+        self.postponed_at: int | None = None  # step of a checkpoint postponed by a streak
         self.results: dict[str, Any] = {}
 
     def restore_or_init(self) -> TrainState:
         """The restored or fresh train state; sets `rest` (frozen params from their weight
-        sources). A restore checks the frozen weight files' hashes before loading anything."""
-        latest = self.checkpointer.latest_step()
+        sources). A restore checks the frozen weight files' hashes before loading anything, and
+        falls back past damaged checkpoints (`Checkpointer.restore_latest`)."""
         sources = self.weight_sources
-        if latest is None:
+        state = self.checkpointer.restore_latest(self.setup.abstract, self.data)
+        if state is None:
             log.info("no checkpoint in %s: initialising", self.checkpointer.directory)
             missing_files(sources)
             self.rest = init_rest(self.setup, sources)
             return init_state(self.setup, sources)
-        log.info("resuming from %s/%d", self.checkpointer.directory, latest)
-        state = self.checkpointer.restore(latest, self.setup.abstract, self.data)
+        log.info("resumed from %s/%d", self.checkpointer.directory, int(state.step))
         self.rest = init_rest(self.setup, sources)  # "init" sources: the checkpoint's values win
         return state
 
@@ -139,15 +166,48 @@ class _Run:
         for step, metrics in jax.device_get(self.pending):
             row = {k: float(v) for k, v in metrics.items()}
             self.window.add(row)
-            if row["nonfinite_consecutive"] >= limit:
-                raise NonFiniteError(
-                    f"{limit} consecutive steps had a non-finite loss or gradient norm (last: "
-                    f"loss={row['loss']}, grad_norm={row['grad_norm']}) up to step {step}; "
-                    f"their updates were skipped and nothing was saved after them. The last "
-                    f"checkpoint is in {self.checkpointer.directory}. Lower optim.lr, set "
-                    "optim.grad_clip, or inspect the data near this step"
-                )
+            self.streak = int(row["nonfinite_consecutive"])
+            if self.streak >= limit:
+                self.pending.clear()
+                raise NonFiniteError(self._nonfinite_message(step, row))
         self.pending.clear()
+
+    def _nonfinite_message(self, step: int, row: dict[str, float]) -> str:
+        """One line: which steps, that none of them was checkpointed, how to resume."""
+        self.checkpointer.wait()  # an in-flight save counts as saved
+        first, directory = step - self.streak + 1, self.checkpointer.directory
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            resume = "No checkpoint was saved: start over with a lower optim.lr or optim.grad_clip"
+        else:
+            resume = (
+                f"The newest checkpoint, {directory}/{latest}, holds the state before them: "
+                "rerun the same command with a lower --config.optim.lr or with "
+                f"--config.optim.grad_clip to resume from it (if it fails again, move {latest} "
+                f"out of {directory} to resume from the checkpoint before it)"
+            )
+        return (
+            f"{self.streak} consecutive steps had a non-finite loss or gradient norm (steps "
+            f"{first}-{step}; last: loss={row['loss']}, grad_norm={row['grad_norm']}); their "
+            f"updates were skipped and no checkpoint was saved during them. {resume}, or "
+            f"inspect the data near step {first}"
+        )
+
+    def _checkpoint(self, step: int, state: TrainState) -> bool:
+        """Save now unless inside a non-finite streak (whose state would resume into it);
+        returns whether the save is done (False: retry at the next step)."""
+        if self.streak:
+            if self.postponed_at is None:
+                log.warning("step %d: checkpoint postponed: the step was not finite", step)
+                self.postponed_at = step
+            return False
+        if self.postponed_at is not None:
+            log.info(
+                "step %d: finite again; saving the checkpoint due at %d", step, self.postponed_at
+            )
+            self.postponed_at = None
+        self.checkpointer.save(step, state, self.data, self.cfg, force=True)
+        return True
 
     def _log(self, step: int, elapsed: float, steps: int, bar: tqdm) -> None:
         summary = self.window.summary()
@@ -192,7 +252,9 @@ class _Run:
         )
         bar = tqdm(total=train_cfg.steps, initial=start, disable=not show_bar, dynamic_ncols=True)
         window_start, window_time = step, time.perf_counter()
-        stop = False
+        sigterm.phase = "train"
+        stop = sigterm.requested  # SIGTERM during setup: no step, nothing new to save
+        save_due = False  # a checkpoint postponed by a non-finite streak
         while step < train_cfg.steps and not stop:
             try:
                 batch = next(self.data)
@@ -213,18 +275,20 @@ class _Run:
             is_log = step % train_cfg.log_every == 0 or step == train_cfg.steps or stop
             is_eval = train_cfg.eval_every and step % train_cfg.eval_every == 0
             is_ckpt = train_cfg.ckpt_every and step % train_cfg.ckpt_every == 0
-            if is_log or is_eval or is_ckpt:
-                self._fetch()  # also: no checkpoint holds a state past the non-finite limit
+            save_due = save_due or is_ckpt or stop or step == train_cfg.steps
+            if is_log or is_eval or save_due:
+                # Also: no checkpoint holds a state past the limit or inside a streak.
+                self._fetch()
             if is_log:
                 now = time.perf_counter()
                 self._log(step, now - window_time, step - window_start, bar)
                 window_start, window_time = step, now
             if is_eval:
                 self.evaluate(state, step)
-            self.checkpointer.save(step, state, self.data, self.cfg, force=stop)
+            if save_due:
+                save_due = not self._checkpoint(step, state)
         bar.close()
         self._fetch()
-        self.checkpointer.save(step, state, self.data, self.cfg, force=True)
         return state, stop
 
 
@@ -271,6 +335,22 @@ def train(
         build_model, report = models.build, report or models.report_fn(config)
     weight_sources = tuple(weight_sources or ())
 
+    with _SigtermFlag() as sigterm:
+        return _session(
+            config, run_dir, make_iterator, build_model, report, weight_sources, sigterm
+        )
+
+
+def _session(
+    config: ConfigDict,
+    run_dir: Path,
+    make_iterator: IteratorFactory,
+    build_model: ModelBuilder,
+    report: ReportFn | None,
+    weight_sources: tuple[WeightSource, ...],
+    sigterm: _SigtermFlag,
+) -> dict[str, Any]:
+    """`train` after its arguments are resolved, under the SIGTERM flag."""
     is_main = jax.process_index() == 0
     setup = build_setup(config, make_mesh(config.mesh), build_model)
     check_sources(weight_sources, setup.all_params, setup.policy.trainable)
@@ -297,19 +377,27 @@ def train(
         async_save=train_cfg.async_checkpoint,
         weight_sources=source_records(weight_sources),
     )
-    writer = MetricsWriter(run_dir, enabled=is_main)
+    run = None
     try:
-        run = _Run(setup, run_dir, make_iterator, checkpointer, writer, weight_sources)
+        run = _Run(setup, run_dir, make_iterator, checkpointer, weight_sources)
         state = run.restore_or_init()
-        with _SigtermFlag() as sigterm:
-            state, preempted = run.train(state, sigterm)
+        run.writer = MetricsWriter(run_dir, enabled=is_main, start_step=int(state.step))
+        state, preempted = run.train(state, sigterm)
         checkpointer.close()  # the final checkpoint is complete before the report or return
         step = int(state.step)
+        preempted = preempted or sigterm.requested  # also: SIGTERM after the last step
+        if not preempted and report is not None:
+            try:
+                sigterm.phase = "report"
+                run.report(report, state, step)
+            except _ReportStopped:
+                preempted = True
+            finally:
+                sigterm.phase = "end"
         if preempted:
             log.warning("stopped at step %d; rerun the same command to resume", step)
-        elif report is not None:
-            run.report(report, state, step)
         return {"step": step, "preempted": preempted, **run.results}
     finally:
         checkpointer.close()
-        writer.close()
+        if run is not None and run.writer is not None:
+            run.writer.close()

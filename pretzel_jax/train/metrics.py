@@ -3,17 +3,25 @@
 Train metrics are averaged over the steps between two log points (skipped steps excluded, since
 their loss is not finite) and written unprefixed (`loss`, `bits_per_dim`, ...); eval and report
 metrics carry an `eval/` or `report/` prefix.
+
+A resumed run logs each step once: rows past the restored step, rows cut short by a kill, and the
+report row of an earlier finish are dropped from metrics.jsonl (rewritten atomically), and
+TensorBoard is told to purge its events past the restored step (`purge_step`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from tensorboardX import SummaryWriter
+
+log = logging.getLogger(__name__)
 
 # Step metrics that are not averaged over a window: counters keep their last value.
 _LAST = ("nonfinite_consecutive", "nonfinite_total")
@@ -46,14 +54,21 @@ class MetricsWindow:
 
 
 class MetricsWriter:
-    """Appends one JSON object per `write` to metrics.jsonl and mirrors it to TensorBoard."""
+    """Appends one JSON object per `write` to metrics.jsonl and mirrors it to TensorBoard.
+    `start_step`: the step training starts from (earlier logs past it are dropped)."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool):
+    def __init__(self, run_dir: Path, *, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            path = run_dir / "metrics.jsonl"
+            dropped = drop_rows_after(path, start_step)
+            if dropped:
+                log.info("%s: dropped %d rows logged after step %d", path, dropped, start_step)
+            self._jsonl = open(path, "a")  # noqa: SIM115 (closed in close())
+            tb_dir = run_dir / "tensorboard"
+            purge = start_step + 1 if tb_dir.exists() else None
+            self._tb = SummaryWriter(str(tb_dir), purge_step=purge)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -71,3 +86,26 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Drop the rows of a metrics.jsonl past `step`, report rows and unreadable lines (a write
+    cut by a kill); rewrites the file atomically. Returns how many were dropped."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            keep = row["step"] <= step and not any(k.startswith("report/") for k in row)
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return dropped

@@ -1,11 +1,15 @@
-"""Checkpoint failures give one clear error naming the step directory and the fix."""
+"""Damaged checkpoints are refused in one line naming them, kept, and training falls back to the
+newest one that passes; checkpoints of a different model or config are refused with the fix."""
 
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from train_toy import build_toy, toy_config, toy_iterator_factory, toy_records
@@ -44,29 +48,110 @@ def _delete(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def _data_files(state_dir: Path) -> list[Path]:
+    """The OCDBT data files of a state item (array bytes and b-tree nodes)."""
+    return sorted(p for p in state_dir.rglob("*") if p.parent.name == "d" and p.is_file())
+
+
+def _flip_bytes(state_dir: Path) -> None:
+    """Invert 8 bytes in the middle of every array data file (sizes unchanged)."""
+    for path in _data_files(state_dir):
+        data = bytearray(path.read_bytes())
+        middle = len(data) // 2
+        data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+        path.write_bytes(bytes(data))
+
+
+def _truncate_arrays(state_dir: Path) -> None:
+    for path in _data_files(state_dir):
+        _truncate(path)
+
+
+INF_LEAF = ".opt_state[1][0].mu['dense1']['kernel']"
+
+
+def _inf_in_adam_moment(state_dir: Path) -> None:
+    """Rewrite the state item with one Adam moment entry set to inf: array files that decode
+    without error but hold other values (what a flipped bit inside a chunk gives)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore(state_dir)
+    moment = np.array(state["opt_state"][1][0]["mu"]["dense1"]["kernel"])
+    moment[0, 0] = np.inf
+    state["opt_state"][1][0]["mu"]["dense1"]["kernel"] = moment
+    shutil.rmtree(state_dir)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(state_dir, state)
+
+
+def _checksums(step_dir: Path) -> dict:
+    return json.loads((step_dir / "config" / "metadata").read_text())["checksums"]
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
 # Orbax's asyncio helpers may complain after a failed restore ("Event loop is closed").
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize(
     "damage, target, message",
     [
+        (_flip_bytes, "state", "is corrupt or partial (ValueError: "),
+        (_inf_in_adam_moment, "state", f"fails its checksum in array {INF_LEAF} (files under"),
+        (_truncate_arrays, "state", "is corrupt or partial (ValueError: "),
         (_delete, "state/d", "is corrupt or partial"),
         (_truncate, "state/manifest.ocdbt", "is corrupt or partial"),
         (_delete, "data", "is incomplete (no ['data'])"),
         (_truncate, "config/metadata", "has unreadable metadata"),
     ],
-    ids=["deleted_arrays", "truncated_manifest", "missing_item", "truncated_config"],
+    ids=[
+        "flipped_bytes",
+        "inf_in_adam_moment",
+        "truncated_arrays",
+        "deleted_arrays",
+        "truncated_manifest",
+        "missing_item",
+        "truncated_config",
+    ],
 )
-def test_corrupt_checkpoint_names_the_step_dir_and_the_fix(run_copy, damage, target, message):
+def test_a_damaged_checkpoint_is_refused_by_name_kept_and_training_falls_back(
+    run_copy, finished_run, damage, target, message, caplog
+):
     step_dir = run_copy / "checkpoints" / str(STEPS)
     damage(step_dir / target)
+    damaged = _snapshot(step_dir)
+    with caplog.at_level(logging.WARNING, logger="pretzel_jax"):
+        assert _train(run_copy)["step"] == STEPS
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    aside = run_copy / "refused_checkpoints" / str(STEPS)
+    assert warning.startswith(f"checkpoint {step_dir} {message}"), warning
+    assert warning.endswith(f"; moved it to {aside} and resumed from step 4"), warning
+    assert "\n" not in warning and len(warning) < 600
+    assert _snapshot(aside) == damaged  # kept byte for byte, never deleted
+    # Steps 5-8 again from step 4: the same state, bit for bit, as before the damage.
+    assert _checksums(step_dir) == _checksums(finished_run / "checkpoints" / str(STEPS))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_when_every_checkpoint_is_damaged_one_line_names_the_newest_and_nothing_moves(run_copy):
+    checkpoints = run_copy / "checkpoints"
+    for step in (4, STEPS):
+        _flip_bytes(checkpoints / str(step) / "state")
     with pytest.raises(CheckpointError) as err:
         _train(run_copy)
     text = str(err.value)
-    assert text.startswith(f"checkpoint {step_dir} {message}"), text
-    assert f"delete {step_dir} to resume from the previous checkpoint" in text
+    assert text.startswith(f"no checkpoint can be restored: checkpoint {checkpoints / '8'} is ")
+    assert "(and 1 older ones). Pass a fresh --run_dir to start over" in text
+    assert "\n" not in text and "tensorstore_spec" not in text
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["4", "8"]
+    assert not (run_copy / "refused_checkpoints").exists()
 
-    shutil.rmtree(step_dir)  # the advised fix: resume from step 4 instead
-    assert _train(run_copy)["step"] == STEPS
+
+def test_the_checksums_cover_every_state_array(finished_run):
+    step_dir = finished_run / "checkpoints" / str(STEPS)
+    saved = _checksums(step_dir)
+    signature = json.loads((step_dir / "config" / "metadata").read_text())["state_signature"]
+    assert set(saved) == set(signature) and INF_LEAF in saved
 
 
 @pytest.mark.parametrize(

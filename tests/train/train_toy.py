@@ -68,12 +68,17 @@ def toy_config(*overrides: str) -> ConfigDict:
     return config
 
 
-def toy_records(n: int = 200, seed: int = 0, nan: bool = False) -> list[dict[str, np.ndarray]]:
+def toy_records(
+    n: int = 200, seed: int = 0, nan: bool = False, nan_from: int | None = None
+) -> list[dict[str, np.ndarray]]:
+    """`nan`: every x is NaN; `nan_from`: records from this index on."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, DIM)).astype(np.float32)
     y = np.sin(2 * x).astype(np.float32)
     if nan:
         x[:] = np.nan
+    if nan_from is not None:
+        x[nan_from:] = np.nan
     return [{"x": x[i], "y": y[i]} for i in range(n)]
 
 
