@@ -145,6 +145,10 @@ class Pretzel(nnx.Module):
         return self.adapter["out"](h)
 
     def _vlm_embeds(self, tokens, u_seq, is_latent, native=None):
+        if self.cfg.stage == 1:
+            # Stage 1 freezes A at zero (checked at start), so nothing trainable reaches the VLM
+            # stream: cut it from the backward pass (same gradients, 9% faster toy step).
+            u_seq = jax.lax.stop_gradient(u_seq)
         x = self.vlm.text.embed_tokens(tokens)
         vis = self.adapt(u_seq).astype(x.dtype)
         if native is not None:  # understanding_input="native": the tower's features instead
