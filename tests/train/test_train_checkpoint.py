@@ -9,12 +9,14 @@ import logging
 import shutil
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from train_toy import build_toy, toy_config, toy_iterator_factory, toy_records
 
 from pretzel_jax.train import CheckpointError, train
+from pretzel_jax.train.checkpoint import Checkpointer
 
 STEPS = 8  # checkpoints at 4 and 8
 
@@ -177,3 +179,12 @@ def test_the_state_item_reads_back_with_orbax_standard_checkpointer(finished_run
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(path)
     assert int(restored["step"]) == STEPS and "dense1" in restored["params"]
+
+
+def test_a_state_holding_a_nan_is_never_saved(tmp_path, caplog):
+    checkpointer = Checkpointer(tmp_path, every=1, keep=1, async_save=False)
+    state = {"ok": jnp.ones(3), "moment": jnp.array([1.0, jnp.nan])}
+    assert not checkpointer.save(1, state, None, toy_config())
+    checkpointer.close()
+    assert "step 1 not checkpointed: non-finite values in ['moment']" in caplog.text
+    assert checkpointer.latest_step() is None and not list(tmp_path.iterdir())
