@@ -537,3 +537,23 @@ def test_cli_builds_and_prints_the_report(tmp_path, capsys):
     assert doc.images[0].shape == (3, 3, 3)  # 6x5 resized to max side 3
     with pytest.raises(SystemExit):
         cli_main(["edits", "--src", "a", "--src", "b", "--data_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    "fmt, args, message",
+    [
+        ("webdataset", ["--src", "MISSING"], "source {cwd}/MISSING does not exist; give a .tar"),
+        ("llava", ["--src", "MISSING.json"], "source {cwd}/MISSING.json does not exist; give a"),
+        ("edits", ["--src", "{tmp}", "--name", "Bad-Name"], "name 'Bad-Name' must be lowercase"),
+    ],
+    ids=["missing_tar", "missing_json", "bad_name"],
+)
+def test_cli_user_errors_are_one_line(tmp_path, monkeypatch, capsys, fmt, args, message):
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([fmt, *args, "--data_dir", str(tmp_path / "tfds")])
+    text = exit_.value.code
+    assert text.startswith("error: " + message.format(cwd=tmp_path)), text
+    assert "\n" not in text and "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "tfds").exists()  # nothing started

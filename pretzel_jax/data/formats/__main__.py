@@ -50,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args["src"] = _sources(args["src"], parser)
     try:
         reports = FORMATS[fmt](**args)
-    except BadRecordsError as e:
+    except (BadRecordsError, FileNotFoundError, ValueError) as e:
+        # Bad sources, names and knobs: their messages name the thing and the fix.
         sys.exit(f"error: {e}")
     for split, report in reports.items():
         print(

@@ -418,6 +418,8 @@ def prepare(
     config = builder_cls.CONFIG_CLASS(
         name=name, version=DATA_VERSION, src=normalize_sources(src), **knobs
     )
+    for source in config.src.values():  # a missing source fails here, not inside TFDS
+        source_files(source, builder_cls.SUFFIXES)
     builder = builder_cls(
         data_dir=os.fspath(data_dir),
         config=config,
