@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,23 @@ def _short(e: BaseException, limit: int = 240) -> str:
     if len(text) > limit:
         text = "..." + text[-limit:]
     return f"{type(e).__name__}: {text}"
+
+
+def _drop_closed_loop_noise() -> None:
+    """When an Orbax restore fails, TensorStore callbacks still pending fire into Orbax's closed
+    asyncio loop, each printing a traceback ("Event loop is closed") that says nothing about the
+    checkpoint. Drop those (process-wide, installed once); pass every other one on."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_noise", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_noise = True
+    sys.unraisablehook = hook
 
 
 def state_signature(state: Any) -> dict[str, list]:
@@ -279,6 +297,7 @@ class Checkpointer:
                 f"({diff}). Resume with the config it was saved with (see {path / 'config'}), "
                 "or pass a fresh --run_dir"
             )
+        _drop_closed_loop_noise()
         try:
             restored = self._manager.restore(
                 step,

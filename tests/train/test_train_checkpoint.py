@@ -7,6 +7,8 @@ import functools
 import json
 import logging
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -15,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from train_toy import build_toy, toy_config, toy_iterator_factory, toy_records
 
-from pretzel_jax.train import CheckpointError, train
+from pretzel_jax.train import CheckpointError, checkpoint, train
 from pretzel_jax.train.checkpoint import Checkpointer
 
 STEPS = 8  # checkpoints at 4 and 8
@@ -188,3 +190,16 @@ def test_a_state_holding_a_nan_is_never_saved(tmp_path, caplog):
     checkpointer.close()
     assert "step 1 not checkpointed: non-finite values in ['moment']" in caplog.text
     assert checkpointer.latest_step() is None and not list(tmp_path.iterdir())
+
+
+def test_closed_event_loop_tracebacks_of_a_failed_restore_are_dropped(monkeypatch):
+    # Outside pytest a failed restore printed ~20 of them around its one-line warning.
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    checkpoint._drop_closed_loop_noise()
+    checkpoint._drop_closed_loop_noise()  # installed once
+    noise = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    sys.unraisablehook(noise)
+    sys.unraisablehook(other)
+    assert seen == [other]
