@@ -1,5 +1,6 @@
 """Parity with apple/ml-starflow on every fixture under ../shared/fixtures/starflow/, and the
-import/export round trips and errors of the port."""
+import/export round trips and errors of the port. No test depends on which fixture folders there
+are or on their names: shapes and options are read from the fixture a test uses."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ from pretzel_jax.sample import latent_flow as store
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "starflow"
 FIXTURE_DIRS = sorted(p for p in FIXTURES.glob("*") if (p / "constructor.json").exists())
 LATENT_REG = 1e-4  # train.py's latent_norm_regularization, applied in the fixtures' loss
+# The README's parity claims: z and log-det within 6e-7 relative, samples within 1.5e-6. They
+# are the largest float32 rounding errors seen under one XLA setting; other settings (this
+# suite's -O0 LLVM, another CPU) move them by up to 2x, hence the margin.
+MARGIN = 2.0
+FORWARD_REL = 6e-7 * MARGIN  # z, log-dets, block outputs and the losses built from them
+SAMPLE_ATOL = 1.5e-6 * MARGIN  # samples with and without CFG
 
 
 def test_fixtures_are_there():
@@ -49,18 +56,18 @@ def test_forward_matches_reference(ported):
     _, cfg, _, model, io = ported
     y = jnp.asarray(io["y"]) if "y" in io else None
     out = model.forward_all(nchw_to_nhwc(io["x"]), y)
-    assert rel_err(out.z, io["z_tokens"]) < 1e-5
-    assert rel_err(out.logdet, io["logdet_sum"]) < 1e-5
+    assert rel_err(out.z, io["z_tokens"]) < FORWARD_REL
+    assert rel_err(out.logdet, io["logdet_sum"]) < FORWARD_REL
     for i, (h, ld) in enumerate(zip(out.block_outputs, out.block_logdets, strict=True)):
-        assert rel_err(h, io[f"block_out_{i}"]) < 1e-5, f"block {i}"
-        assert rel_err(ld, io[f"logdet_block_{i}"]) < 1e-5, f"block {i}"
+        assert rel_err(h, io[f"block_out_{i}"]) < FORWARD_REL, f"block {i}"
+        assert rel_err(ld, io[f"logdet_block_{i}"]) < FORWARD_REL, f"block {i}"
     dims = out.z.shape[1] * out.z.shape[2]
-    assert rel_err(0.5 * jnp.mean(jnp.square(out.z)), io["loss_z"]) < 1e-5
-    assert rel_err(-out.logdet.mean() / dims, io["loss_logdet"]) < 1e-5
+    assert rel_err(0.5 * jnp.mean(jnp.square(out.z)), io["loss_z"]) < FORWARD_REL
+    assert rel_err(-out.logdet.mean() / dims, io["loss_logdet"]) < FORWARD_REL
     loss = nll_per_dim(out.z, out.logdet).mean()
-    assert rel_err(loss, io["loss"]) < 1e-5
+    assert rel_err(loss, io["loss"]) < FORWARD_REL
     reg = latent_norm_penalty([model.tokens(nchw_to_nhwc(io["x"])), *out.block_outputs[:-1]])
-    assert rel_err(loss + LATENT_REG * reg, io["loss_with_latent_reg"]) < 1e-5
+    assert rel_err(loss + LATENT_REG * reg, io["loss_with_latent_reg"]) < FORWARD_REL
 
 
 def test_samples_match_reference(ported):
@@ -68,10 +75,10 @@ def test_samples_match_reference(ported):
     y = jnp.asarray(io["y"]) if "y" in io else None
     noise = nchw_to_nhwc(io["z_noise"])
     g0 = model.sample(noise, y)
-    np.testing.assert_allclose(g0, nchw_to_nhwc(io["sample_g0"]), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(g0, nchw_to_nhwc(io["sample_g0"]), rtol=0, atol=SAMPLE_ATOL)
     if "sample_g2" in io:
         g2 = model.sample(noise, y, guidance=2.0, uncond_context=jnp.asarray(io["y_uncond"]))
-        np.testing.assert_allclose(g2, nchw_to_nhwc(io["sample_g2"]), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(g2, nchw_to_nhwc(io["sample_g2"]), rtol=0, atol=SAMPLE_ATOL)
         assert np.abs(np.asarray(g2) - np.asarray(g0)).max() > 1e-2  # guidance did something
 
 
@@ -90,8 +97,8 @@ def test_export_reproduces_the_reference_state_dict_bit_exactly(ported):
         dict(seq_order="R2L", norm_type="rms_norm", num_kv_heads=1, hf_style_rope=True),
     ],
 )
-def test_export_import_round_trip_is_bit_exact(options):
-    kwargs = json.loads((FIXTURE_DIRS[-1] / "constructor.json").read_text())["kwargs"]
+def test_export_import_round_trip_is_bit_exact(text_fixture, options):
+    kwargs = sf.read_constructor(text_fixture[0] / "constructor.json")
     cfg = sf.config_from_constructor({**kwargs, **options})
     model = randomized(LatentFlow(cfg, rngs=nnx.Rngs(3)), 3)
     back = sf.import_state_dict(sf.export_state_dict(model), cfg)
@@ -118,11 +125,19 @@ def test_released_3b_text_to_image_config():
     assert sf.constructor_from_config(cfg)["layers_per_block"] == [2, 2, 2, 2, 2, 24]
 
 
-def test_options_map_to_the_flow():
-    kwargs = json.loads((FIXTURE_DIRS[0] / "constructor.json").read_text())["kwargs"]
-    cfg = sf.config_from_constructor({**kwargs, "seq_order": "R2L", "norm_type": "rms_norm"})
-    assert cfg.flow.block_permutations == ("identity", "flip", "identity")
-    assert (cfg.flow.norm, cfg.flow.norm_eps) == ("rms_norm_unit", 1e-6)
+@pytest.mark.parametrize("fixture", FIXTURE_DIRS, ids=lambda p: p.name)
+def test_options_map_to_the_flow(fixture):
+    constructor = json.loads((fixture / "constructor.json").read_text())
+    kwargs, derived = constructor["kwargs"], constructor["derived"]
+    # The reference's permutations as the fixture records them; R2L swaps every one.
+    perms = tuple(derived["block_permutations"])
+    swapped = {"flip": "identity", "identity": "flip"}
+    order = kwargs.get("seq_order", "L2R")
+    assert sf.config_from_constructor(kwargs).flow.block_permutations == perms
+    other = "R2L" if order == "L2R" else "L2R"
+    cfg = sf.config_from_constructor({**kwargs, "seq_order": other, "norm_type": "rms_norm"})
+    assert cfg.flow.block_permutations == tuple(swapped[p] for p in perms)
+    assert (cfg.flow.norm, cfg.flow.norm_eps) == ("rms_norm_unit", derived["rms_norm_eps"])
 
 
 # -- bad input: one clear error naming the tensor or option ------------------------------------
@@ -136,28 +151,31 @@ def text_fixture():
 
 
 def test_mismatched_state_dict_names_every_problem(text_fixture):
-    _, cfg, tensors = text_fixture
+    d, cfg, tensors = text_fixture
+    missing = sorted(k for k in tensors if k.endswith(".proj_in.bias"))[-1]
+    wrong = sorted(k for k in tensors if k.endswith(".attention.qkv.weight"))[-1]
+    extra = f"blocks.{sf.read_constructor(d / 'constructor.json')['num_blocks']}.extra"
+    shape = list(tensors[wrong].shape)
     bad = dict(tensors)
-    del bad["blocks.1.proj_in.bias"]
-    bad["blocks.2.attn_blocks.1.attention.qkv.weight"] = np.zeros((10, 64), np.float32)
-    bad["blocks.9.extra"] = np.zeros(3, np.float32)
+    del bad[missing]
+    bad[wrong] = np.zeros((10, shape[1]), np.float32)
+    bad[extra] = np.zeros(3, np.float32)
     with pytest.raises(sf.ConversionError) as e:
         sf.import_state_dict(bad, cfg)
     msg = str(e.value)
     assert "3 problems" in msg
-    assert "missing tensor blocks.1.proj_in.bias" in msg
-    assert "blocks.2.attn_blocks.1.attention.qkv.weight has shape [10, 64], expected [192, 64]" in (
-        msg
-    )
-    assert "unexpected tensor blocks.9.extra" in msg
+    assert f"missing tensor {missing}" in msg
+    assert f"{wrong} has shape [10, {shape[1]}], expected {shape}" in msg
+    assert f"unexpected tensor {extra}" in msg
 
 
 def test_wrapper_prefix_is_stripped(text_fixture):
     _, cfg, tensors = text_fixture
     model = sf.import_state_dict({f"module.{k}": v for k, v in tensors.items()}, cfg)
-    np.testing.assert_array_equal(
-        sf.export_state_dict(model)["blocks.0.sos_embed"], tensors["blocks.0.sos_embed"]
-    )
+    exported = sf.export_state_dict(model)
+    assert set(exported) == set(tensors)
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
 
 
 @pytest.mark.parametrize(
@@ -183,7 +201,7 @@ def test_pickles_and_missing_files_are_refused(tmp_path):
 
 def test_non_reference_flows_cannot_be_exported(text_fixture):
     _, cfg, _ = text_fixture
-    odd = dataclasses.replace(cfg.flow, permutations=("identity", "identity", "flip"))
+    odd = dataclasses.replace(cfg.flow, permutations=("identity",) * cfg.flow.num_blocks)
     with pytest.raises(sf.ConversionError, match="no ml-starflow equivalent"):
         sf.constructor_from_config(dataclasses.replace(cfg, flow=odd))
 
@@ -202,12 +220,13 @@ def test_cli_import_sample_export(text_fixture, tmp_path):
     io = np.load(d / "io.npz")
     y = jnp.asarray(io["y"])
     g2 = model.sample(nchw_to_nhwc(io["z_noise"]), y, guidance=2.0, uncond_context=0 * y)
-    np.testing.assert_allclose(g2, nchw_to_nhwc(io["sample_g2"]), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(g2, nchw_to_nhwc(io["sample_g2"]), rtol=0, atol=SAMPLE_ATOL)
     np.save(tmp_path / "ctx.npy", io["y"][0])
     cli = ["--ckpt", str(ckpt), "--num", "3", "--context", str(tmp_path / "ctx.npy")]
     store.main([*cli, "--guidance", "2", "--out", str(tmp_path / "s.npz")])
     latents = np.load(tmp_path / "s.npz")["latents"]
-    assert latents.shape == (3, 4, 4, 3) and np.isfinite(latents).all()
+    assert latents.shape == (3, *io["z_noise"].shape[2:], io["z_noise"].shape[1])
+    assert np.isfinite(latents).all()
     direct = store.sample(model, jax.random.key(0), 3, io["y"][0], guidance=2.0)
     np.testing.assert_array_equal(latents, direct)
 
