@@ -8,6 +8,12 @@ per iteration, each row in its own mode (DESIGN.md section 4, "interleaved"):
          both streams at the image's M-RoPE ids (no re-encoding); then `<vision_end>` and text
   done   writes nothing visible (kv_mask False)
 
+Block-Jacobi (`jacobi_chunk` K > 0): while every unfinished row is inside an image at the same
+latent offset (text-to-image; interleaving on an `image_every` schedule), the next K latents of
+all of them are one fixed window of cache slots, rewritten by each call until they settle (at
+most K calls; `jacobi_tol` 0 = the sequential latents up to float rounding). Otherwise latents
+go one at a time, so a row's samples do not depend on the batch beyond that rounding.
+
 With guidance the batch is doubled: unconditional row i mirrors row i's images only. When row i
 opens an image, row B + i's cache is cleared and it sees `<vision_start>` and that image's latents
 at the ids of a caption-less document (training's caption dropout); between images it idles.
@@ -53,6 +59,12 @@ class SampleConfig:
     image_temperature: float = 1.0
     guidance: float = 0.0
     image_every: int = 0  # > 0: images open after exactly this many text tokens, never sooner
+    # > 0: block-Jacobi over chunks of this many latents (must divide L) while every unfinished
+    # row is inside an image at the same latent offset; otherwise latents go one at a time.
+    jacobi_chunk: int = 0
+    # A chunk stops when the squared relative change of its latents (worst row) is <= this:
+    # 0 = the sequential result (up to float rounding), in at most `jacobi_chunk` calls.
+    jacobi_tol: float = 0.0
     # The BAGEL-style baseline, for benchmarks: at each `<vision_end>` the image is decoded to
     # pixels, re-encoded (FAE encoder, noise, shallow blocks) and the whole sequence is
     # re-prefilled into a fresh cache.
@@ -192,6 +204,13 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
         pick_token, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p
     )
 
+    def guide(a, mu):
+        """(a, mu) of every cache row -> the conditional rows' (mu, sigma), CFG-mixed."""
+        sigma = model.deep.sigma(a)
+        if not guided:
+            return mu, sigma
+        return gaussian_product(mu[:b], sigma[:b], mu[b:], sigma[b:], cfg.guidance)
+
     def body(s):
         keys = jax.vmap(position_key)(key, s["n"])
         room = jnp.minimum(cfg.max_new - s["n"], size - s["cache"].index)
@@ -215,13 +234,7 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
             tok = jnp.where(due, vs_id, tok)
         no_room = text & (tok == vs_id) & (room < big_l + 2)  # vs, L latents, ve
         # image mode: the next latent, or <vision_end> after the last
-        sigma = model.deep.sigma(s["a"])
-        if guided:
-            mu_e, sigma_e = gaussian_product(
-                s["mu"][:b], sigma[:b], s["mu"][b:], sigma[b:], cfg.guidance
-            )
-        else:
-            mu_e, sigma_e = s["mu"], sigma
+        mu_e, sigma_e = guide(s["a"], s["mu"])
         eps = jax.vmap(lambda k: jax.random.normal(k, (c,), jnp.float32))(keys)
         u = mu_e + sigma_e * (cfg.image_temperature * eps)
         image = s["mode"] == IMAGE
@@ -310,10 +323,103 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
             **extra,
         )
 
+    chunk = cfg.jacobi_chunk
+    offsets = jnp.arange(chunk)
+
+    def jacobi_body(s):
+        """K = `jacobi_chunk` latents of every image row at once: the window's slots hold
+        u_j .. u_{j+K-1} at fixed cache slots; slot i's (a, mu) give u_{j+i+1}. u_j is exact
+        from the start, and after call k so are u_j .. u_{j+k} (a triangular system): at most
+        K calls, the last writing the cache from exact inputs. Stops early when the latents
+        move by no more than `jacobi_tol` (module docstring of `flow.jacobi`)."""
+        keys = jax.vmap(lambda k, n: jax.vmap(lambda i: position_key(k, n + i))(offsets))(
+            key, s["n"]
+        )
+        eps = cfg.image_temperature * jax.vmap(
+            jax.vmap(lambda k: jax.random.normal(k, (c,), jnp.float32))
+        )(keys)  # (b, K, C)
+        latent = s["mode"] == IMAGE
+        mu0, sigma0 = guide(s["a"], s["mu"])
+        first = mu0 + sigma0 * eps[:, 0]
+        ids = grid[s["j"][:, None] + offsets]  # (b, K, 3)
+        pos = s["p0"][:, None, None] + ids
+        tok = jnp.full((b, chunk), img_id, jnp.int32)
+        mask = jnp.broadcast_to(latent[:, None], (b, chunk))
+        if guided:
+            pos = jnp.concatenate([pos, 1 + ids])
+            tok, mask = jnp.concatenate([tok, tok]), jnp.concatenate([mask, mask])
+        start = s["cache"].index
+
+        def call(g, cache):
+            feed = jnp.concatenate([g, g]) if guided else g
+            h, a, mu, cache = model.step(tok, feed, pos, cache, kv_mask=mask)
+            mu_c, sigma_c = guide(a, mu)  # slot i -> latent j + i + 1
+            nxt = mu_c[:, :-1] + sigma_c[:, :-1] * eps[:, 1:]
+            nxt = jnp.concatenate([first[:, None], nxt], 1)
+            nxt = jnp.where(latent[:, None, None], nxt, 0.0)
+            return nxt, h, a, mu, cache
+
+        def rewind(cache):  # every call writes the window's slots again
+            def at(kv):
+                return kv.replace(index=jnp.full_like(kv.index, start))
+
+            return cache.replace(vlm=at(cache.vlm), deep=at(cache.deep))
+
+        def iterate(st):
+            i, g, _, _, _, _, cache = st
+            g_new, h, a, mu, cache = call(g, rewind(cache))
+            num = jnp.sum(jnp.square(g_new - g), axis=(1, 2))
+            den = jnp.maximum(jnp.sum(jnp.square(g_new), axis=(1, 2)), 1e-30)
+            return i + 1, g_new, jnp.max(num / den), h, a, mu, cache
+
+        def again(st):
+            return (st[0] < chunk) & ((st[0] == 0) | (st[2] > cfg.jacobi_tol))
+
+        g0 = jnp.where(latent[:, None, None], jnp.concatenate([first[:, None], eps[:, 1:]], 1), 0)
+        shapes = jax.eval_shape(lambda g: call(g, s["cache"])[1:4], g0)
+        outs = [jnp.zeros(x.shape, x.dtype) for x in shapes]  # h, a, mu: set by the 1st call
+        init = (jnp.zeros((), jnp.int32), g0, jnp.float32(jnp.inf), *outs, s["cache"])
+        calls, g, _, h, a, mu, cache = jax.lax.while_loop(again, iterate, init)
+        r = jnp.arange(b)
+        slot = jnp.clip(s["n_img"] - 1, 0, slots - 1)
+        u_img = jax.vmap(lambda img, j, v: jax.lax.dynamic_update_slice_in_dim(img, v, j, 0))(
+            s["u"][r, slot], s["j"], g
+        )
+        out_at = s["n"][:, None] + offsets
+        out = jax.vmap(lambda o, at: o.at[at].set(img_id, mode="drop"))(s["out"], out_at)
+        out = jnp.where(latent[:, None], out, s["out"])
+        return dict(
+            s,
+            cache=cache,
+            h=jnp.where(latent[:, None], h[:b, -1], s["h"]),
+            a=a[:, -1],
+            mu=mu[:, -1],
+            j=s["j"] + chunk * latent,
+            n=s["n"] + chunk * latent,
+            out=out,
+            u=s["u"].at[r, slot].set(jnp.where(latent[:, None, None], u_img, s["u"][r, slot])),
+            since=jnp.where(latent, 0, s["since"]),
+            calls=s["calls"] + calls,
+        )
+
+    def step(s):
+        image = s["mode"] == IMAGE
+        latent = image & (s["j"] < big_l)
+        j0 = jnp.max(jnp.where(latent, s["j"], -1))
+        aligned = (
+            jnp.any(latent)
+            & jnp.all(latent | (s["mode"] == DONE))
+            & jnp.all(~latent | (s["j"] == j0))
+            & (s["cache"].index + chunk <= size)
+        )
+        return jax.lax.cond(aligned, jacobi_body, lambda s: dict(body(s), calls=s["calls"]), s)
+
     def cond(s):
         return jnp.any(s["mode"] != DONE) & (s["cache"].index < size)
 
-    s = jax.lax.while_loop(cond, body, init)
+    if chunk:
+        init["calls"] = jnp.zeros((), jnp.int32)
+    s = jax.lax.while_loop(cond, step if chunk else body, init)
     reason = jnp.where(s["mode"] != DONE, 3, s["reason"])  # the cache ran out
     x = model.shallow_inverse(s["u"].reshape(b * slots, big_l, c))
     return dict(
@@ -322,6 +428,7 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
         n_images=s["n_img"],
         u=s["u"],
         x=x.reshape(s["u"].shape),
+        jacobi_calls=s.get("calls", jnp.zeros((), jnp.int32)),
     )
 
 
@@ -406,6 +513,12 @@ def sample(model: Pretzel, prompts: list, key: jax.Array, cfg: SampleConfig, *, 
             f"a prompt ends in <vision_start>: it needs max_new >= {big_l + 1} (the image and "
             f"<vision_end>) and max_images >= 1, got {cfg.max_new} and {cfg.max_images}"
         )
+    k = cfg.jacobi_chunk
+    if k < 0 or (k and big_l % k) or (k and cfg.reencode):
+        raise ValueError(
+            f"SampleConfig.jacobi_chunk must be 0 or divide the {big_l} latents per image (and "
+            f"not be combined with reencode), got {k}"
+        )
     size = tokens.shape[1] + cfg.max_new
     graphdef, state = nnx.split(model)
     out = _sample(graphdef, cfg, size, state, tokens, positions, mask, u_seq, keys)
@@ -424,6 +537,7 @@ def sample(model: Pretzel, prompts: list, key: jax.Array, cfg: SampleConfig, *, 
             reason=STOP_REASONS[int(out["reason"][i])],
             u=out["u"][i, :k],
             x=out["x"][i, :k],
+            jacobi_calls=int(out["jacobi_calls"]),  # the batch's block-Jacobi model calls
         )
         if images is not None:
             row["images"] = images[i, :k]

@@ -199,3 +199,34 @@ def test_image_every_fixes_the_schedule(setup):
         assert runs.startswith("etttt" if opened else "ttttv"), runs
         assert runs.count("v") == 2 - opened and runs.count("e") == 2
         assert all(gap == "ttttv" for gap in runs.split("e")[1:-1])  # text between images
+
+
+def test_block_jacobi_equals_sequential_decoding_at_tol_0(setup):
+    tok, model, prompts, pad = setup
+    seq = sampler.SampleConfig(**{**CFG.__dict__, "image_every": 4, "max_new": 2 * (L + 2) + 8})
+    jac = sampler.SampleConfig(**{**seq.__dict__, "jacobi_chunk": L // 2})
+    keys = sampler.row_keys(jax.random.key(3), 4)
+    a = sampler.sample(model, prompts, keys, seq, pad_id=pad)
+    # In the batch, rows 0 and 2 open their images later than rows 1 and 3 (latents one at a
+    # time there); alone, rows 1 and 3 stay aligned (every latent by block-Jacobi).
+    b = sampler.sample(model, prompts, keys, jac, pad_id=pad)
+    aligned = [1, 3]
+    c = sampler.sample(
+        model, [prompts[i] for i in aligned], keys[np.array(aligned)], jac, pad_id=pad
+    )
+    for x, y in zip([*a, a[1], a[3]], [*b, *c], strict=True):
+        assert x["tokens"] == y["tokens"] and x["reason"] == y["reason"]
+        np.testing.assert_allclose(y["u"], x["u"], atol=1e-5)  # float rounding only
+    # Two images each, two chunks per image, at most K calls per chunk.
+    assert all(len(r["u"]) == 2 for r in c)
+    assert 4 < c[0]["jacobi_calls"] <= 4 * L // 2
+    # One call per chunk (tol inf) is another, cheaper sampler: it can fail the check above.
+    one = sampler.SampleConfig(**{**jac.__dict__, "jacobi_tol": float("inf")})
+    d = sampler.sample(
+        model, [prompts[i] for i in aligned], keys[np.array(aligned)], one, pad_id=pad
+    )
+    assert d[0]["jacobi_calls"] == 4
+    assert np.abs(d[0]["u"][0] - c[0]["u"][0]).max() > 1e-3
+    bad = sampler.SampleConfig(max_new=30, jacobi_chunk=3)
+    with pytest.raises(ValueError, match="jacobi_chunk must be 0 or divide"):
+        sampler.sample(model, prompts, keys, bad, pad_id=pad)
