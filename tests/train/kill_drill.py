@@ -2,9 +2,11 @@
 
 python tests/train/kill_drill.py ROOT KILLS SEED: trains the toy run in ROOT/reference without
 interruption, then in ROOT/drill, killing the training process with SIGKILL KILLS times and
-restarting it, then lets it finish. Half the kills come at a random moment after the start, half
-0-30 ms after a checkpoint save begins (the save reports itself through a pipe). Prints one JSON
-line: {"killed": n, "in_save": n, "attempts": [...]}.
+restarting it, then lets it finish. The kills rotate over three kinds of moment: a random time
+within a start's setup (restore, compile), 0-20 ms after the 1st-4th batch is placed, and 0-30 ms
+after the 1st-2nd checkpoint save begins. The child reports batches and saves through a pipe, so
+the moments (and the progress between kills) do not depend on the machine's speed. Prints one
+JSON line: {"killed": n, "in_save": n, "attempts": [...]}.
 
 One parent imports everything once and forks a child per attempt: a restart then costs the
 child's setup, not the imports. The parent never starts JAX's backend, so forking is safe.
@@ -32,10 +34,10 @@ absl.flags.FLAGS.mark_as_parsed()
 from train_toy import build_toy, toy_config, toy_iterator_factory, toy_records  # noqa: E402
 
 import pretzel_jax.models  # noqa: E402, F401  (imported before forking, once)
-from pretzel_jax.train import train  # noqa: E402
+from pretzel_jax.train import loop, train  # noqa: E402
 from pretzel_jax.train.checkpoint import Checkpointer  # noqa: E402
 
-STEPS = 48
+STEPS = 48  # about 1.3 steps of progress per kill: 20 kills end near step 25
 OVERRIDES = (
     f"train.steps={STEPS}",
     "train.ckpt_every=2",
@@ -50,14 +52,18 @@ def _report(model, config, data, key, run_dir):
 
 
 def _child(run_dir: Path, pipe: int) -> None:
-    """Train (resuming) in `run_dir`; write each checkpoint save's step to `pipe`."""
-    save = Checkpointer.save
+    """Train (resuming) in `run_dir`; write "batch" / "save" lines to `pipe` as they begin."""
+    save, place = Checkpointer.save, loop.shard_batch
 
-    def reporting_save(self, step, *args, **kwargs):
-        os.write(pipe, f"{step}\n".encode())
-        return save(self, step, *args, **kwargs)
+    def reporting_save(self, *args, **kwargs):
+        os.write(pipe, b"save\n")
+        return save(self, *args, **kwargs)
 
-    Checkpointer.save = reporting_save
+    def reporting_place(*args, **kwargs):
+        os.write(pipe, b"batch\n")
+        return place(*args, **kwargs)
+
+    Checkpointer.save, loop.shard_batch = reporting_save, reporting_place
     try:
         train(
             toy_config(*OVERRIDES),
@@ -72,9 +78,11 @@ def _child(run_dir: Path, pipe: int) -> None:
     os._exit(0)
 
 
-def _attempt(run_dir: Path, kill_after: float | None, kill_at_save: int | None) -> dict:
-    """Fork one training child; SIGKILL it `kill_after` s after the start or 0-30 ms after its
-    `kill_at_save`-th save begins (neither: let it finish). Returns what happened."""
+def _attempt(run_dir: Path, kind: str | None = None, at: float = 0.0) -> dict:
+    """Fork one training child and SIGKILL it: `at` s after the start (kind "time"), or just
+    after its `at`-th "batch" / "save" event; kind None lets it finish. Returns what happened."""
+    checkpoints = run_dir / "checkpoints"
+    steps = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()]
     read, write = os.pipe()
     start = time.monotonic()
     pid = os.fork()
@@ -82,10 +90,9 @@ def _attempt(run_dir: Path, kill_after: float | None, kill_at_save: int | None) 
         os.close(read)
         _child(run_dir, write)
     os.close(write)
-    saves: list[int] = []
-    first_save = None
-    buffer = b""
-    deadline = None if kill_after is None else start + kill_after
+    events = {"batch": 0, "save": 0}
+    first_batch, buffer = None, b""
+    deadline = start + at if kind == "time" else None
     while True:
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         ready, _, _ = select.select([read], [], [], timeout)
@@ -97,37 +104,41 @@ def _attempt(run_dir: Path, kill_after: float | None, kill_at_save: int | None) 
             break
         buffer += chunk
         *lines, buffer = buffer.split(b"\n")
-        saves += [int(line) for line in lines]
-        if saves and first_save is None:
-            first_save = time.monotonic() - start
-        if kill_at_save is not None and len(saves) >= kill_at_save and deadline is None:
-            deadline = time.monotonic() + random.uniform(0.0, 0.03)
+        for line in lines:
+            events[line.decode()] += 1
+        if events["batch"] and first_batch is None:
+            first_batch = time.monotonic() - start
+        if kind in events and events[kind] >= at and deadline is None:
+            jitter = 0.03 if kind == "save" else 0.02
+            deadline = time.monotonic() + random.uniform(0.0, jitter)
     os.close(read)
     _, status = os.waitpid(pid, 0)
     killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     if not killed and os.WEXITSTATUS(status) != 0:
         raise SystemExit(f"a training child failed (exit {os.WEXITSTATUS(status)})")
     return {
+        "kind": kind,
+        "at": at,
+        "from_step": max(steps, default=0),
         "killed": killed,
-        "in_save": killed and kill_at_save is not None and len(saves) >= kill_at_save,
+        "in_save": killed and kind == "save" and events["save"] >= at,
         "after_s": round(time.monotonic() - start, 3),
-        "first_save_s": first_save,
-        "saves_begun": saves,
+        "first_batch_s": first_batch,
+        **events,
     }
 
 
 def main(root: Path, kills: int, seed: int) -> None:
     random.seed(seed)
-    # Random kills fall in the first 1.5x the time a start takes to its first save (setup,
-    # restore, compile, the first steps); each save kill lets 0-2 saves complete first.
-    setup = _attempt(root / "reference", None, None)["first_save_s"]
+    setup = _attempt(root / "reference")["first_batch_s"]
     attempts = []
     for i in range(kills):
-        if i % 2:
-            attempts.append(_attempt(root / "drill", None, random.randint(1, 3)))
-        else:
-            attempts.append(_attempt(root / "drill", random.uniform(0.0, 1.5 * setup), None))
-    _attempt(root / "drill", None, None)
+        kind = ("time", "batch", "save")[i % 3]
+        at = {"time": random.uniform(0.0, setup), "batch": random.randint(1, 8)}.get(
+            kind, random.randint(1, 4)
+        )
+        attempts.append(_attempt(root / "drill", kind, at))
+    _attempt(root / "drill")
     summary = {
         "killed": sum(a["killed"] for a in attempts),
         "in_save": sum(a["in_save"] for a in attempts),
