@@ -18,10 +18,11 @@ reconstructions (README) for 8+ minutes, so the curriculum leaves it out.
 Each step entry: `name`, `kind` ("prepare" | "train" | "report"), `experiment` (file[:arg], for
 `python -m pretzel_jax.train --config`), `run_dir`, `done` (files or globs relative to run_dir whose
 existence proves the step finished), `overrides` (`--config.` overrides of the experiment),
-`datasets` (prepare), `headline` (report.json keys for the summary). `{runs}` and `{data}` in
-run_dir, done and overrides stand for `runs_dir` and `data_dir`: every path an experiment
-hard-codes under runs/ (the stage-0 tower and VLM, the FAE files, the previous stage's weights) is
-passed as an override, so `--config.runs_dir=elsewhere` keeps the whole chain there.
+`datasets` and `workers` (prepare: how many data sets are built at once), `headline` (report.json
+keys for the summary). `{runs}` and `{data}` in run_dir, done and overrides stand for `runs_dir` and
+`data_dir`: every path an experiment hard-codes under runs/ (the stage-0 tower and VLM, the FAE
+files, the previous stage's weights) is passed as an override, so
+`--config.runs_dir=elsewhere` keeps the whole chain there.
 
 `:test` is the same chain at the experiments' `:test` smoke sizes over the `_tiny` data sets; give
 it a scratch folder: `--config.runs_dir=/tmp/curriculum_test`.
@@ -39,10 +40,13 @@ T2I = ("image_bits_per_dim", "t2i_overall", "t2i_heldout_overall")
 VQA = ("fae_vqa_accuracy", "native_vqa_accuracy", "fae_over_native_vqa")
 
 
-def _step(name, kind, run_dir, done=(), experiment="", overrides=(), datasets=(), headline=()):
+def _step(
+    name, kind, run_dir, done=(), experiment="", overrides=(), datasets=(), headline=(), workers=1
+):
     return ml_collections.ConfigDict(
         dict(
             name=name,
+            workers=workers,
             kind=kind,
             experiment=experiment,
             run_dir=run_dir,
@@ -91,6 +95,7 @@ def get_config(arg=None):
                 )
             ),
             datasets=tuple(f"shapes_{d}{tiny}" for d in DATASETS),
+            workers=2,  # the shapes builders are single-threaded: two at once on 2 cores
         ),
         _train(
             "stage0_tower",

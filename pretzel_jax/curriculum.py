@@ -189,10 +189,9 @@ def make_plan(config, *, base_dir: str | Path = ".", python: str | None = None) 
             argv += ["--run_dir", str(run_dir)] + [_PREFIX + o for o in overrides]
             commands = (tuple(argv),)
         elif kind == "prepare":
-            commands = tuple(
-                (python, "-m", "pretzel_jax.data.prepare", "--name", d, "--data_dir", str(run_dir))
-                for d in entry.get("datasets", ())
-            )
+            names = [a for d in entry.get("datasets", ()) for a in ("--name", d)]
+            argv = [python, "-m", "pretzel_jax.data.prepare", *names, "--data_dir", str(run_dir)]
+            commands = ((*argv, "--workers", str(entry.get("workers", 1))),)
         steps.append(
             Step(
                 name,

@@ -84,7 +84,9 @@ def test_shapes_plan_and_dry_run(tmp_path, capsys):
     assert any("shapes_fae/fae.safetensors" in a for a in by_name["stage1"].commands[0])
     assert "pretzel.safetensors" in by_name["stage2"].done
     data = by_name["data"]
-    assert [c[c.index("--name") + 1] for c in data.commands] == [
+    (argv,) = data.commands
+    assert argv[-2:] == ("--workers", "2")
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--name"] == [
         f"shapes_{d}" for d in ("cells", "vqa", "captions", "images", "interleaved", "edits")
     ]
     assert len(data.done) == len(set(data.done)) == 4  # cells/images are views of captions
@@ -165,7 +167,7 @@ def test_run_skips_done_steps_and_resumes_with_the_same_command(tmp_path, capsys
     fake = FakeRunner(plan)
     assert main(_args(tmp_path), runner=fake) == 0
     first = list(fake.calls)
-    assert len(first) == 6 + 6  # six prepare commands, six trainings
+    assert len(first) == 1 + 6  # one prepare command, six trainings
     order = [next(s.name for s in plan.steps if c in s.commands) for c in first]
     assert list(dict.fromkeys(order)) == NAMES[:-1]
     state = plan.state_dir
