@@ -40,11 +40,17 @@ class KVCache:
 
     @property
     def size(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[-3]  # (B, S, heads, dim), or stacked over layers in front
+
+    @property
+    def overflowed(self) -> jax.Array:
+        """Whether a write ran past the last slot (bool, traceable). XLA clamps such a write onto
+        the last T slots, so callers that size the cache themselves check this flag."""
+        return jnp.any(self.index > self.size)
 
     def write(self, k: jax.Array, v: jax.Array, kv_mask: jax.Array) -> KVCache:
         """Write T new entries at `index` (a failed Jacobi iterate is simply overwritten later by
-        writing at the same index again)."""
+        writing at the same index again). The index is not clamped: see `overflowed`."""
         i = self.index
         o = jnp.zeros((), i.dtype)
         return KVCache(

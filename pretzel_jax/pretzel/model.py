@@ -53,6 +53,10 @@ class PretzelCache:
     def size(self) -> int:
         return self.vlm.k.shape[2]
 
+    @property
+    def overflowed(self) -> jax.Array:
+        return self.vlm.overflowed | self.deep.overflowed
+
 
 class Pretzel(nnx.Module):
     def __init__(self, cfg: PretzelConfig, *, fae: nnx.Module | None, rngs: nnx.Rngs):

@@ -429,6 +429,7 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
         u=s["u"],
         x=x.reshape(s["u"].shape),
         jacobi_calls=s.get("calls", jnp.zeros((), jnp.int32)),
+        overflowed=s["cache"].overflowed,
     )
 
 
@@ -523,6 +524,8 @@ def sample(model: Pretzel, prompts: list, key: jax.Array, cfg: SampleConfig, *, 
     graphdef, state = nnx.split(model)
     out = _sample(graphdef, cfg, size, state, tokens, positions, mask, u_seq, keys)
     out = jax.tree.map(np.asarray, out)
+    if out["overflowed"]:  # rows stop before the cache runs out: this would be a sampler bug
+        raise RuntimeError(f"the sampler wrote past its {size}-slot cache")
     images = None
     if model.fae is not None:
         x = out["x"]

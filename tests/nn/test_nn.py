@@ -96,6 +96,19 @@ def test_rolled_back_cache_index_overwrites_a_failed_chunk():
     np.testing.assert_allclose(y, ref[:, 3:], atol=1e-5)
 
 
+def test_a_write_past_the_cache_is_flagged():
+    stack = LayerStack(CFG, 1, rngs=nnx.Rngs(0))  # caches stacked over layers
+    x = jax.random.normal(jax.random.key(1), (1, 6, 32))
+    cos, sin = _rope(1, 6)
+    cache = stack.init_cache(1, 8)
+    assert cache.size == 8
+    step = jax.jit(lambda x, c: stack(x, rope=(cos[:, :3], sin[:, :3]), cache=c)[1])
+    cache = step(x[:, :3], cache)
+    cache = step(x[:, 3:], cache)  # slots 3-5 of 8
+    assert not cache.overflowed
+    assert jax.jit(lambda c: step(x[:, :3], c).overflowed)(cache)  # 9 > 8: clamped by XLA
+
+
 def test_rope_is_relative():
     q = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
     k = jax.random.normal(jax.random.key(1), (1, 1, 1, 8))
