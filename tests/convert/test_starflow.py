@@ -23,12 +23,12 @@ from pretzel_jax.sample import latent_flow as store
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "starflow"
 FIXTURE_DIRS = sorted(p for p in FIXTURES.glob("*") if (p / "constructor.json").exists())
 LATENT_REG = 1e-4  # train.py's latent_norm_regularization, applied in the fixtures' loss
-# The README's parity claims: z and log-det within 6e-7 relative, samples within 1.5e-6. They
-# are the largest float32 rounding errors seen under one XLA setting; other settings (this
-# suite's -O0 LLVM, another CPU) move them by up to 2x, hence the margin.
+# The README's parity claims: z and total log-det within 6e-7 relative (a block's log-det 1e-6),
+# samples within 1.6e-6. They are the largest float32 rounding errors seen; other XLA settings
+# (this suite's -O0 LLVM, another CPU) move them by up to 2x, hence the margin.
 MARGIN = 2.0
 FORWARD_REL = 6e-7 * MARGIN  # z, log-dets, block outputs and the losses built from them
-SAMPLE_ATOL = 1.5e-6 * MARGIN  # samples with and without CFG
+SAMPLE_ATOL = 1.6e-6 * MARGIN  # samples with and without CFG
 
 
 def test_fixtures_are_there():
