@@ -5,7 +5,9 @@
    (generated latents enter the cache as they are) against the BAGEL-style baseline
    (`SampleConfig.reencode`: each image decoded, re-encoded through the FAE and the shallow
    blocks, the sequence re-prefilled);
-2. one decode step (batch 8) at cache position 10 and 1000, text mode and image mode.
+2. text-to-image, batch 8, CFG 2: latents one at a time against block-Jacobi (chunks of 8 and
+   16 latents, at tol 0 and 1e-3), wall time, model calls and the largest latent difference;
+3. one decode step (batch 8) at cache position 10 and 1000, text mode and image mode.
 
     python benchmarks/pretzel_sampler.py --run runs/shapes_stage3 [--repeats 3]
 """
@@ -69,6 +71,28 @@ def end_to_end(model, layout, repeats: int) -> None:
         print(f"| {name} | {images:.1f} | {text:.0f} | {s:.2f} | {rows['joint cache'] / s:.2f} |")
 
 
+def jacobi(model, layout, repeats: int) -> None:
+    big_l = model.cfg.latents_per_image
+    prompts = [layout.prompt([Segment.of_text(c)], open_image=True) for c in CAPTIONS]
+    key = jax.random.key(0)
+    runs = [("one at a time", 0, 0.0)]
+    runs += [(f"Jacobi K={k}, tol={t:g}", k, t) for k in (8, 16) for t in (0.0, 1e-3)]
+    ref = seq = None
+    for name, chunk, tol in runs:
+        cfg = SampleConfig(
+            max_new=big_l + 1, guidance=2.0, image_temperature=1.0, jacobi_chunk=chunk,
+            jacobi_tol=tol,
+        )  # fmt: skip
+        out = sample(model, prompts, key, cfg, pad_id=layout.pad_id)
+        u = jnp.stack([r["u"] for r in out])
+        ref = u if ref is None else ref
+        calls = out[0]["jacobi_calls"] or big_l
+        s = _median_s(lambda c=cfg: sample(model, prompts, key, c, pad_id=layout.pad_id), repeats)
+        seq = seq or s
+        diff = float(jnp.abs(u - ref).max())
+        print(f"| {name} | {calls} | {s:.2f} | {seq / s:.2f} | {diff:.1e} |")
+
+
 def step_cost(model, repeats: int) -> None:
     b, size = 8, 1024
     graphdef, state = nnx.split(model)
@@ -108,6 +132,9 @@ def main() -> None:
     print("| sampler | images / row | text tokens / row | median s | speed-up |")
     print("|---|---|---|---|---|")
     end_to_end(model, layout, args.repeats)
+    print("\n| text-to-image latents | model calls | median s | speed-up | max latent diff |")
+    print("|---|---|---|---|---|")
+    jacobi(model, layout, args.repeats)
     print("\n| decode step (batch 8) | ms at position 10 | ms at position 1000 | ratio |")
     print("|---|---|---|---|")
     step_cost(model, max(args.repeats, 20))

@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--image_temperature", type=float, default=1.0)
     ap.add_argument("--max_images", type=int, default=2)
     ap.add_argument("--max_new", type=int, default=0, help="positions per sample; 0 = enough")
+    ap.add_argument(
+        "--jacobi_chunk", type=int, default=0, help="block-Jacobi latents per call; 0 = one by one"
+    )
+    ap.add_argument("--jacobi_tol", type=float, default=0.0, help="0 = the sequential latents")
     args = ap.parse_args(argv)
     try:
         image = None
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
             image_temperature=args.image_temperature,
             max_new=args.max_new,
             max_images=args.max_images,
+            jacobi_chunk=args.jacobi_chunk,
+            jacobi_tol=args.jacobi_tol,
         )
         files = []
         for k, img in enumerate(res.get("images", [])):

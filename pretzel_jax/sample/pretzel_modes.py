@@ -65,8 +65,11 @@ def run_mode(
     image_temperature: float = 1.0,
     max_new: int = 0,
     max_images: int = 2,
+    jacobi_chunk: int = 0,
+    jacobi_tol: float = 0.0,
 ) -> dict:
-    """One prompt in `mode` -> dict(text, images (k, H, W, 3) float, tokens, reason)."""
+    """One prompt in `mode` -> dict(text, images (k, H, W, 3) float, tokens, reason).
+    jacobi_chunk / jacobi_tol: block-Jacobi image decoding (`SampleConfig`)."""
     big_l = model.cfg.latents_per_image
     if mode in ("understand", "edit") and image is None:
         raise ValueError(f"mode {mode!r} needs an image")
@@ -96,6 +99,8 @@ def run_mode(
         temperature=temperature,
         image_temperature=image_temperature,
         guidance=guidance,
+        jacobi_chunk=jacobi_chunk,
+        jacobi_tol=jacobi_tol,
     )
     (out,) = sample(model, [p], key, cfg, pad_id=layout.pad_id)
     words = [t for t in out["tokens"] if t not in (layout.image_id, *stop)]

@@ -111,8 +111,10 @@ def _sample_cli(run: Path, out: Path) -> None:
     from pretzel_jax.sample.__main__ import main as sample
     from pretzel_jax.sample.pretzel_modes import load_run, run_mode
 
-    sample(["t2i", "--run", str(run), "--text", "a red circle", "--text", "two", "--out", str(out)])
+    texts = ["--text", "a red circle", "--text", "two"]
+    sample(["t2i", "--run", str(run), *texts, "--out", str(out), "--jacobi_chunk", "16"])
     record = json.loads((out / "record.json").read_text())
+    assert record["jacobi_chunk"] == 16
     assert [s["prompt"] for s in record["samples"]] == ["a red circle", "two"]
     for s in record["samples"]:
         assert len(s["images"]) == 1 and Image.open(out / s["images"][0]).size == (32, 32)
