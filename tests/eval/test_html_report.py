@@ -7,6 +7,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 
 import numpy as np
@@ -41,7 +44,8 @@ def _decode(uri: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
 
 
-def test_report_page(tmp_path):
+def _run_folder(tmp_path):
+    """A run folder with a t2i grid, its report, training curves and another PNG."""
     run = tmp_path / "run"
     run.mkdir()
     rng = np.random.default_rng(0)
@@ -61,6 +65,11 @@ def test_report_page(tmp_path):
     rows = [{"step": s, "loss": 1.0 / s} for s in (10, 20, 30)] + [{"step": 20, "loss": 0.7}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     Image.fromarray(tiles[0]).save(run / "other.png")
+    return run, tiles, verdicts
+
+
+def test_report_page(tmp_path):
+    run, tiles, verdicts = _run_folder(tmp_path)
     page = _Page()
     page.feed(report.build([run]))
     decoded = [_decode(uri) for uri in page.images]  # every image inline and readable
@@ -72,3 +81,52 @@ def test_report_page(tmp_path):
     assert len(page.polylines) == 1 and len(page.polylines[0]) == 3  # steps 10, 20, 30 once
     with pytest.raises(SystemExit, match="no run folder"):
         report.main(["--run", str(tmp_path / "missing"), "--out", str(tmp_path / "x.html")])
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Headless, and quiet on a closed network (no background connections).
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=10000",
+]
+# After load: how many images decoded, and the laid-out page's height.
+PROBE = """<script>window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  const height = document.body.scrollHeight;
+  document.body.setAttribute('data-probe', ok + '/' + imgs.length + '/' + height);
+});</script></body>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian: apt-get install chromium)")
+def test_report_renders_in_a_headless_browser(tmp_path):
+    run, tiles, _ = _run_folder(tmp_path)
+    html = report.build([run])
+    probed = tmp_path / "probe.html"
+    probed.write_text(html.replace("</body>", PROBE))
+    argv = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(
+        [*argv, "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    found = re.search(r'data-probe="(\d+)/(\d+)/(\d+)"', dom)
+    assert found, dom[-2000:]
+    loaded, total, height = map(int, found.groups())
+    assert total == 7 and loaded == total  # every image decoded in the browser
+    assert height > 4 * 32  # laid out, not an empty page
+    shot = tmp_path / "page.png"
+    page = tmp_path / "page.html"
+    page.write_text(html)
+    subprocess.run(
+        [*argv, f"--screenshot={shot}", "--window-size=1000,1400", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.reshape(-1, 3).std(0).max() > 5  # something was drawn
