@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -68,7 +69,11 @@ class MetricsWriter:
             self._jsonl = open(path, "a")  # noqa: SIM115 (closed in close())
             tb_dir = run_dir / "tensorboard"
             purge = start_step + 1 if tb_dir.exists() else None
-            self._tb = SummaryWriter(str(tb_dir), purge_step=purge)
+            # tensorboardX names its file by the second and opens it "wb": a second writer in
+            # the same second (a quick resume) would truncate the first's events. The suffix
+            # keeps names unique and in start order.
+            suffix = f".{time.time_ns()}"
+            self._tb = SummaryWriter(str(tb_dir), purge_step=purge, filename_suffix=suffix)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
