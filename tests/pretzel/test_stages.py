@@ -1,7 +1,7 @@
 """The curriculum stages 1 -> 2 -> 3 at smoke size through the CLI: frozen weights restored from
 their files (never in checkpoints), each stage starting from the previous stage's weights, stage
-freeze rules checked at start, bit-exact resume, the sampling CLI on the trained stage
-(`test_stage3_mesh.py`: the stage-3 step on a 2x2x2 mesh)."""
+freeze rules checked at start, bit-exact resume, and the stage-3 train step on a 2x2x2 mesh equal
+to the single-device step."""
 
 from __future__ import annotations
 
@@ -11,12 +11,39 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from pretzel_jax import models
+from pretzel_jax.data import make_stage_iterator, prepare_dataset
+from pretzel_jax.fae import weights as fae_weights
+from pretzel_jax.models.pretzel import _fae
 from pretzel_jax.train.__main__ import main
+from pretzel_jax.train.config import load_config
+from pretzel_jax.vlm import Qwen25VL
 
 EXPERIMENTS = {s: f"experiments/shapes_stage{s}.py" for s in (1, 2, 3)}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Tiny data sets, a tiny frozen VLM folder and FAE file (random weights)."""
+    root = tmp_path_factory.mktemp("stages")
+    data = root / "data"
+    for name in ("shapes_captions", "shapes_vqa", "shapes_interleaved", "shapes_edits"):
+        prepare_dataset(f"{name}_tiny", str(data))
+    config = load_config(EXPERIMENTS[1] + ":test", overrides=[f"data.data_dir={data}"])
+    vlm = Qwen25VL(models.vlm_config(config.model), nnx.Rngs(1))
+    from pretzel_jax.convert.hf_qwen25vl import save
+
+    save(vlm, root / "hf")
+    config.unlock()
+    config.model.fae.encoder.path = str(root / "hf")
+    fae = _fae(config, rngs=nnx.Rngs(2))
+    fae_weights.save(fae, root / "fae.safetensors")
+    return root
 
 
 def _args(files: Path, stage: int, run_dir: Path, *extra: str) -> list[str]:
@@ -121,3 +148,37 @@ def test_stage_rules_and_bad_inputs_fail_at_start(files, tmp_path, capsys):
     assert main(_args(files, 2, tmp_path / "stage2")) != 0  # stage 1's file does not exist
     assert "init_from" in capsys.readouterr().err
     assert not list((tmp_path / "bad").glob("checkpoints/*"))
+
+
+def test_stage3_step_on_a_2x2x2_mesh_equals_one_device(files):
+    from pretzel_jax.train.mesh import make_mesh
+    from pretzel_jax.train.state import build_setup, init_rest, init_state
+    from pretzel_jax.train.step import make_train_step, shard_batch
+
+    overrides = [
+        f"data.data_dir={files / 'data'}",
+        f"model.pretzel.vlm_path={files / 'hf'}",
+        f"model.pretzel.fae_path={files / 'fae.safetensors'}",
+        f"model.fae.encoder.path={files / 'hf'}",
+        "model.pretzel.init_from=",
+    ]
+    results = []
+    for mesh_cfg, devices in (
+        ({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()),
+        ({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
+    ):
+        config = load_config(EXPERIMENTS[3] + ":test", overrides=overrides)
+        config.unlock()
+        config.mesh.update(mesh_cfg)
+        mesh = make_mesh(config.mesh, devices)
+        setup = build_setup(config, mesh, models.build)
+        state, rest = init_state(setup), init_rest(setup)
+        batch = next(make_stage_iterator(config.data, "train"))
+        step = make_train_step(setup)
+        state, metrics = step(state, shard_batch(batch, mesh, setup.rules), rest)
+        results.append(jax.device_get((state.params, metrics)))
+    (p8, m8), (p1, m1) = results
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert jnp.isfinite(m8["loss"])
