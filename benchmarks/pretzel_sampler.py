@@ -106,10 +106,7 @@ def step_cost(model, repeats: int) -> None:
     for mode, token in (("text", 5), ("image", model.cfg.vlm.image_token_id)):
         times = {}
         for at in (10, 1000):
-            cache = cache0.replace(
-                vlm=cache0.vlm.replace(index=jnp.full_like(cache0.vlm.index, at)),
-                deep=cache0.deep.replace(index=jnp.full_like(cache0.deep.index, at)),
-            )
+            cache = cache0.at(at)
             tokens = jnp.full((b, 1), token, jnp.int32)
             latents = jnp.ones((b, 1, c), jnp.float32)
             positions = jnp.full((b, 1, 3), at, jnp.int32)

@@ -307,7 +307,7 @@ class AFBlock(nnx.Module):
         rope = setup.rope
         if rope is not None:
             rope = tuple(jax.lax.dynamic_slice_in_dim(r, slot, k, axis=1) for r in rope)
-        cache = cache.replace(index=jnp.full_like(cache.index, slot))
+        cache = cache.at(slot)
         h = self.proj_in(inputs.astype(jnp.dtype(self.cfg.compute_dtype)))
         h, cache = self.layers(h, rope=rope, cache=cache)
         if setup.guided and guidance_rule == "product" and self.cfg.affine_impl == "pallas":

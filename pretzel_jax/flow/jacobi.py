@@ -89,7 +89,7 @@ class FlowJacobiStats(NamedTuple):
     sequential_calls: jax.Array  # (num_blocks,)
 
 
-def _relative_change(new, old, valid, batch_reduce: str = "max", per_slot: bool = False):
+def relative_change(new, old, valid, batch_reduce: str = "max", per_slot: bool = False):
     """sum (new - old)^2 / sum new^2 over the valid slots: the max over examples, or pooled over
     the batch (STARFlow). See the module docstring. per_slot: one value per slot (K,), summed
     over channels only."""
@@ -189,7 +189,7 @@ def jacobi_inverse(
         def body(state):
             i, g, _, cache = state
             g_new, _, _, cache = decode(inputs_of(g), cache, step, z_chunk)
-            return i + 1, g_new, _relative_change(g_new, g, v, batch_reduce), cache
+            return i + 1, g_new, relative_change(g_new, g, v, batch_reduce), cache
 
         def keep_going(state):
             i, _, change, _ = state
@@ -213,7 +213,7 @@ def jacobi_inverse(
             z_win = jax.lax.dynamic_slice_in_dim(noise, p, chunk, axis=1)
             g_new, _, _, cache = decode(inputs, cache, p, z_win)
             v = jax.lax.dynamic_slice_in_dim(valid, p, chunk)
-            r = _relative_change(g_new, g, v, batch_reduce, per_slot=True)
+            r = relative_change(g_new, g, v, batch_reduce, per_slot=True)
             # Slot p is exact; slot p+j+1 too while slots p .. p+j did not move (beyond tol).
             settled = jnp.cumprod((r < tol)[:-1].astype(jnp.int32))
             accepted = jnp.minimum(1 + jnp.sum(settled), m - p)

@@ -61,8 +61,9 @@ class KVCache:
         )
 
     def at(self, index) -> KVCache:
-        """The same buffers with the write index moved (e.g. rolled back for a Jacobi retry)."""
-        return self.replace(index=jnp.asarray(index, jnp.int32))
+        """The same buffers with the write index moved (e.g. rolled back for a Jacobi retry);
+        a scalar index moves every layer of a stacked cache."""
+        return self.replace(index=jnp.broadcast_to(jnp.asarray(index, jnp.int32), self.index.shape))
 
 
 def make_mask(

@@ -51,11 +51,15 @@ class PretzelCache:
 
     @property
     def size(self) -> int:
-        return self.vlm.k.shape[2]
+        return self.vlm.size
 
     @property
     def overflowed(self) -> jax.Array:
         return self.vlm.overflowed | self.deep.overflowed
+
+    def at(self, index) -> PretzelCache:
+        """Both streams' write index moved to `index` (a Jacobi window rewritten, a rewind)."""
+        return self.replace(vlm=self.vlm.at(index), deep=self.deep.at(index))
 
 
 class Pretzel(nnx.Module):

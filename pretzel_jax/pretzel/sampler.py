@@ -37,6 +37,7 @@ from flax import nnx
 
 from pretzel_jax.fae.model import to_uint8
 from pretzel_jax.flow.guidance import gaussian_product
+from pretzel_jax.flow.jacobi import relative_change
 from pretzel_jax.pretzel.model import Pretzel
 
 TEXT, IMAGE, DONE = 0, 1, 2
@@ -109,11 +110,7 @@ def _reencode(model: Pretzel, closing, keys, index, hist, image, h, a, mu, cache
     h2, a2, mu2, fresh = model.step(
         hist["tok"], hist["u"], hist["pos"], fresh, kv_mask=hist["mask"]
     )
-
-    def rewind(kv):
-        return kv.replace(index=jnp.full_like(kv.index, index + 1))
-
-    fresh = fresh.replace(vlm=rewind(fresh.vlm), deep=rewind(fresh.deep))
+    fresh = fresh.at(index + 1)
     pick = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=index, slice_size=1, axis=1)
     return hist, pick(h2), pick(a2), pick(mu2), fresh
 
@@ -331,7 +328,7 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
         u_j .. u_{j+K-1} at fixed cache slots; slot i's (a, mu) give u_{j+i+1}. u_j is exact
         from the start, and after call k so are u_j .. u_{j+k} (a triangular system): at most
         K calls, the last writing the cache from exact inputs. Stops early when the latents
-        move by no more than `jacobi_tol` (module docstring of `flow.jacobi`)."""
+        move by no more than `jacobi_tol` (`flow.jacobi.relative_change`)."""
         keys = jax.vmap(lambda k, n: jax.vmap(lambda i: position_key(k, n + i))(offsets))(
             key, s["n"]
         )
@@ -359,18 +356,11 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
             nxt = jnp.where(latent[:, None, None], nxt, 0.0)
             return nxt, h, a, mu, cache
 
-        def rewind(cache):  # every call writes the window's slots again
-            def at(kv):
-                return kv.replace(index=jnp.full_like(kv.index, start))
-
-            return cache.replace(vlm=at(cache.vlm), deep=at(cache.deep))
-
         def iterate(st):
             i, g, _, _, _, _, cache = st
-            g_new, h, a, mu, cache = call(g, rewind(cache))
-            num = jnp.sum(jnp.square(g_new - g), axis=(1, 2))
-            den = jnp.maximum(jnp.sum(jnp.square(g_new), axis=(1, 2)), 1e-30)
-            return i + 1, g_new, jnp.max(num / den), h, a, mu, cache
+            g_new, h, a, mu, cache = call(g, cache.at(start))  # the window's slots again
+            change = relative_change(g_new, g, jnp.ones((chunk,), bool))  # the worst row
+            return i + 1, g_new, change, h, a, mu, cache
 
         def again(st):
             return (st[0] < chunk) & ((st[0] == 0) | (st[2] > cfg.jacobi_tol))

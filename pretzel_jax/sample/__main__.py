@@ -75,7 +75,15 @@ def main(argv: list[str] | None = None) -> None:
         for k, img in enumerate(res.get("images", [])):
             files.append(f"{i:03d}_{k}.png")
             Image.fromarray(np.asarray(to_uint8(img))).save(out / files[-1])
-        records.append(dict(prompt=text, text=res["text"], images=files, reason=res["reason"]))
+        records.append(
+            dict(
+                prompt=text,
+                text=res["text"],
+                images=files,
+                reason=res["reason"],
+                jacobi_calls=res["jacobi_calls"],  # 0: latents one at a time
+            )
+        )
         print(f"[{i}] {res['reason']}: {res['text']!r} {' '.join(files)}")
     meta = {k: v for k, v in vars(args).items() if k != "text"}
     (out / "record.json").write_text(json.dumps(dict(meta, samples=records), indent=2) + "\n")

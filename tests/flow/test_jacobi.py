@@ -8,7 +8,7 @@ from flax import nnx
 from randomize import randomized
 
 from pretzel_jax.flow import DeepShallowFlow, FlowConfig, jacobi_flow_inverse, jacobi_inverse
-from pretzel_jax.flow.jacobi import _relative_change
+from pretzel_jax.flow.jacobi import relative_change
 
 N, CHUNK, LC = 11, 4, 4  # 11 tokens: chunks of 4, 4 and a short tail (3 with SOS, 2 without)
 
@@ -192,15 +192,15 @@ def test_relative_change_is_the_worst_examples_squared_ratio_over_real_slots():
     old = jnp.array([[[1.0], [1.0], [0.0]], [[3.0], [4.5], [9.0]]])
     valid = jnp.array([True, True, False])  # the third slot is tail padding
     # example 0: 1 / (1 + 4) = 0.2; example 1: 0.25 / (9 + 16) = 0.01
-    np.testing.assert_allclose(_relative_change(new, old, valid), 0.2, rtol=1e-6)
-    np.testing.assert_allclose(_relative_change(new[1:], old[1:], valid), 0.01, rtol=1e-6)
+    np.testing.assert_allclose(relative_change(new, old, valid), 0.2, rtol=1e-6)
+    np.testing.assert_allclose(relative_change(new[1:], old[1:], valid), 0.01, rtol=1e-6)
     # STARFlow's pooled ratio: (1 + 0.25) / (5 + 25)
-    np.testing.assert_allclose(_relative_change(new, old, valid, "pooled"), 1.25 / 30, rtol=1e-6)
+    np.testing.assert_allclose(relative_change(new, old, valid, "pooled"), 1.25 / 30, rtol=1e-6)
     # Per slot (sliding window): max over examples of each slot's ratio; padding counts 0.
-    per_slot = _relative_change(new, old, valid, per_slot=True)
+    per_slot = relative_change(new, old, valid, per_slot=True)
     np.testing.assert_allclose(per_slot, [0.0, max(1 / 4, 0.25 / 16), 0.0], rtol=1e-6)
-    assert float(_relative_change(old, old, valid)) == 0.0
-    assert float(_relative_change(jnp.zeros_like(new), jnp.zeros_like(new), valid)) == 0.0
+    assert float(relative_change(old, old, valid)) == 0.0
+    assert float(relative_change(jnp.zeros_like(new), jnp.zeros_like(new), valid)) == 0.0
 
 
 def test_bad_arguments_are_rejected():

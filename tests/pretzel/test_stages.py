@@ -114,7 +114,7 @@ def _sample_cli(run: Path, out: Path) -> None:
     texts = ["--text", "a red circle", "--text", "two"]
     sample(["t2i", "--run", str(run), *texts, "--out", str(out), "--jacobi_chunk", "16"])
     record = json.loads((out / "record.json").read_text())
-    assert record["jacobi_chunk"] == 16
+    assert all(0 < s["jacobi_calls"] <= 64 for s in record["samples"])  # Jacobi decoded them
     assert [s["prompt"] for s in record["samples"]] == ["a red circle", "two"]
     for s in record["samples"]:
         assert len(s["images"]) == 1 and Image.open(out / s["images"][0]).size == (32, 32)
