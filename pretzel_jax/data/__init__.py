@@ -5,6 +5,7 @@ sequence layout; Grain input pipelines per curriculum stage."""
 from pretzel_jax.data.layout import Layout, LayoutConfig
 from pretzel_jax.data.pipeline import (
     DATASETS,
+    batch_shapes,
     make_iterator,
     make_stage_iterator,
     prepare_dataset,
@@ -14,6 +15,7 @@ from pretzel_jax.data.schema import Document, Segment, decode_record, make_recor
 
 __all__ = [
     "DATASETS",
+    "batch_shapes",
     "Document",
     "Layout",
     "LayoutConfig",

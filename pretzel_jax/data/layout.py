@@ -467,24 +467,10 @@ class Layout:
 
     def _stack(self, bins: list[list[LaidDocument]]) -> dict[str, np.ndarray]:
         cfg = self.config
-        n, s, k = len(bins), cfg.seq_len, cfg.images_per_sequence
-        h, w = cfg.image_size
+        fill = {"tokens": self.pad_id, "targets": self.pad_id, "modality": MODALITY_PAD}
         out = {
-            "tokens": np.full((n, s), self.pad_id, np.int32),
-            "targets": np.full((n, s), self.pad_id, np.int32),
-            "text_loss_mask": np.zeros((n, s), np.bool_),
-            "image_loss_mask": np.zeros((n, s), np.bool_),
-            "modality": np.full((n, s), MODALITY_PAD, np.int32),
-            "segment_ids": np.zeros((n, s), np.int32),
-            "branch_ids": np.zeros((n, s), np.int32),
-            "positions": np.zeros((n, s, 3), np.int32),
-            "images": np.zeros((n, k, h, w, 3), np.uint8),
-            "image_grid_thw": np.zeros((n, k, 3), np.int32),
-            "image_mask": np.zeros((n, k), np.bool_),
-            "image_target": np.zeros((n, k), np.bool_),
-            "image_segment_ids": np.zeros((n, k), np.int32),
-            "truncated_tokens": np.zeros((n,), np.int32),
-            "truncated_images": np.zeros((n,), np.int32),
+            name: np.full(shape, fill.get(name, 0), dtype)
+            for name, (shape, dtype) in packed_shapes(cfg, len(bins)).items()
         }
         for b, docs in enumerate(bins):
             t, i = 0, 0
@@ -507,6 +493,30 @@ class Layout:
                 out["truncated_images"][b] += doc.truncated_images
                 t, i = e, j
         return out
+
+
+def packed_shapes(config: LayoutConfig, n: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of each packed array for `n` sequences (the module docstring's fields)."""
+    s, k = config.seq_len, config.images_per_sequence
+    h, w = config.image_size
+    i32, flag = np.dtype(np.int32), np.dtype(np.bool_)
+    return {
+        "tokens": ((n, s), i32),
+        "targets": ((n, s), i32),
+        "text_loss_mask": ((n, s), flag),
+        "image_loss_mask": ((n, s), flag),
+        "modality": ((n, s), i32),
+        "segment_ids": ((n, s), i32),
+        "branch_ids": ((n, s), i32),
+        "positions": ((n, s, 3), i32),
+        "images": ((n, k, h, w, 3), np.dtype(np.uint8)),
+        "image_grid_thw": ((n, k, 3), i32),
+        "image_mask": ((n, k), flag),
+        "image_target": ((n, k), flag),
+        "image_segment_ids": ((n, k), i32),
+        "truncated_tokens": ((n,), i32),
+        "truncated_images": ((n,), i32),
+    }
 
 
 def unpack(packed: dict[str, np.ndarray], row: int) -> list[dict[str, np.ndarray]]:

@@ -333,6 +333,16 @@ def stage_config(stage: int = 3, **overrides: Any) -> ml_collections.ConfigDict:
     return cfg
 
 
+def batch_shapes(data_cfg: ml_collections.ConfigDict) -> dict[str, tuple[tuple, np.dtype]]:
+    """(shape, dtype) of each array of one global train batch: a stage pipeline's from its
+    layout (no data read), any other data set's from its first batch (its data must exist)."""
+    n = int(data_cfg.batch_size)
+    if "stage" in data_cfg:
+        return layout.packed_shapes(_layout_config(data_cfg), n)
+    batch = next(make_iterator(data_cfg, data_cfg.train_split, shuffle=False))
+    return {k: ((n, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in batch.items()}
+
+
 def make_stage_iterator(
     data_cfg: ml_collections.ConfigDict,
     split: str,

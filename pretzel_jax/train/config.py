@@ -62,6 +62,9 @@ def default_config() -> ConfigDict:
     c.train = ConfigDict(
         {
             "steps": 100_000,
+            # Gradient accumulation: a step runs its batch as this many equal slices, one after
+            # another (activation memory / microbatches), and averages their gradients.
+            "microbatches": 1,
             "log_every": 50,
             "eval_every": 0,  # 0 = no periodic eval
             "eval_batches": 8,  # batches per eval (fewer if the eval split ends first)
@@ -367,6 +370,12 @@ def _mesh_problems(config: ConfigDict, device_count: int, process_count: int) ->
                 f"({'*'.join(rules['batch']) or '1'} = {shards}) and of the process count "
                 f"({process_count}); change data.{key} or the mesh"
             )
+    k = config.train.microbatches
+    if k >= 1 and config.data.batch_size % (k * shards):
+        problems.append(
+            f"train.microbatches={k}: data.batch_size={config.data.batch_size} must be a "
+            f"multiple of microbatches * batch shards ({k} * {shards}); change either"
+        )
     return problems
 
 
@@ -413,6 +422,7 @@ def _train_problems(train: ConfigDict) -> list[str]:
         "ckpt_every": 0,
         "keep_checkpoints": 1,
         "max_consecutive_nonfinite": 1,
+        "microbatches": 1,
     }
     problems = [
         f"train.{key}={train[key]} must be >= {low}"

@@ -52,6 +52,43 @@ def _model_loss(setup: TrainSetup, params, rest: Fixed, batch: Batch, key: jax.A
     return loss.astype(jnp.float32), {k: v.astype(jnp.float32) for k, v in metrics.items()}
 
 
+def _gradients(setup: TrainSetup, trainable, rest: Fixed, batch: Batch, key: jax.Array):
+    """(loss, model metrics, gradients) of the batch; with `train.microbatches` = k > 1, the mean
+    of k slices' (a `lax.scan`, so activations are those of one slice; slice i draws its
+    randomness from fold_in(key, i), and its metrics are averaged, counts included). Slice i
+    holds rows i, i + k, ...: each device's rows split evenly, so slicing moves no data."""
+
+    def loss_fn(trainable, batch, key):
+        return _model_loss(setup, trainable, rest, batch, key)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    k = setup.config.train.microbatches
+    if k == 1:
+        (loss, metrics), grads = grad_fn(trainable, batch, key)
+        return loss, metrics, grads
+
+    def split(x: jax.Array) -> jax.Array:
+        x = jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+        axes = (None, "batch") + (None,) * (x.ndim - 2)
+        spec = logical_to_spec(axes, setup.rules, x.shape, setup.mesh)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(setup.mesh, spec))
+
+    def body(total, i_slice):
+        i, piece = i_slice
+        (loss, metrics), grads = grad_fn(trainable, piece, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, total, (loss, metrics, grads)), None
+
+    slices = jax.tree.map(split, batch)
+    first = jax.tree.map(lambda x: x[0], slices)
+    shapes = jax.eval_shape(lambda: grad_fn(trainable, first, key))
+    (loss_shape, metric_shapes), grad_shapes = shapes
+    zeros = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), (loss_shape, metric_shapes, grad_shapes)
+    )
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(k), slices))
+    return jax.tree.map(lambda t: t / k, total)
+
+
 def make_train_step(setup: TrainSetup) -> TrainStep:
     """`(state, batch, rest) -> (state, metrics)`, jitted with the state donated."""
     tx = setup.tx
@@ -59,11 +96,7 @@ def make_train_step(setup: TrainSetup) -> TrainStep:
     def step(state: TrainState, batch: Batch, rest: Fixed) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         trainable = state.params
-
-        def loss_fn(trainable):
-            return _model_loss(setup, trainable, rest, batch, key)
-
-        (loss, model_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        loss, model_metrics, grads = _gradients(setup, trainable, rest, batch, key)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, trainable)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 from train_toy import build_toy, toy_batch, toy_config
 
+from pretzel_jax.train.config import validate
+from pretzel_jax.train.errors import ConfigError
 from pretzel_jax.train.mesh import make_mesh
 from pretzel_jax.train.state import build_setup, init_rest, init_state
 from pretzel_jax.train.step import make_train_step, shard_batch
@@ -75,3 +79,40 @@ def test_nonfinite_steps_are_skipped_and_counted():
     assert not np.array_equal(
         jax.device_get(state.params["dense1"]["kernel"]), before[0]["dense1"]["kernel"]
     )
+
+
+def test_microbatches_average_the_gradients_of_their_slices():
+    """train.microbatches=2: one step equals the optimizer applied to the mean of the two slices'
+    gradients (slice i = rows i, i + 2, ..., its key fold_in(step key, i))."""
+    config = toy_config("train.microbatches=2")
+    setup = build_setup(config, make_mesh(config.mesh), build_toy)
+    state, rest = init_state(setup), init_rest(setup)
+    batch = toy_batch()
+    before = jax.device_get(state)
+    sharded = shard_batch(batch, setup.mesh, setup.rules)
+    after, metrics = make_train_step(setup)(state, sharded, rest)
+
+    model = build_toy(config, rngs=nnx.Rngs(config.seed))
+    graphdef, _ = nnx.split(model)
+    key = jax.random.fold_in(jax.random.wrap_key_data(before.rng), 0)
+
+    def loss(params, rows, key):
+        return nnx.merge(graphdef, params).loss(rows, key)[0]
+
+    slices = [{k: v[i::2] for k, v in batch.items()} for i in range(2)]
+    parts = [
+        jax.value_and_grad(loss)(before.params, s, jax.random.fold_in(key, i))
+        for i, s in enumerate(slices)
+    ]
+    grads = jax.tree.map(lambda a, b: (a + b) / 2, parts[0][1], parts[1][1])
+    updates, _ = setup.tx.update(grads, before.opt_state, before.params)
+    expected = optax.apply_updates(before.params, updates)
+    np.testing.assert_allclose(float(metrics["loss"]), (parts[0][0] + parts[1][0]) / 2, rtol=1e-6)
+    for path, a in jax.tree_util.tree_leaves_with_path(expected):
+        b = jax.tree_util.tree_leaves_with_path(jax.device_get(after.params))
+        np.testing.assert_allclose(dict(b)[path], a, rtol=1e-5, atol=1e-7)
+
+
+def test_microbatches_must_divide_the_batch_shards():
+    with pytest.raises(ConfigError, match="train.microbatches=3"):
+        validate(toy_config("train.microbatches=3"))
