@@ -129,7 +129,14 @@ COLORS = [
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About `n` round values (2 significant digits) spread evenly in log space over [lo, hi]."""
+    """Round tick values in [lo, hi]: powers of ten (and 3x) over wide ranges, else about `n`
+    values of 2 significant digits spread evenly in log space."""
+    if hi / lo >= 100:
+        decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+        out = [10.0**d for d in decades if lo <= 10.0**d <= hi]
+        if len(out) < 4:
+            out = sorted(out + [3 * 10.0**d for d in decades if lo <= 3 * 10.0**d <= hi])
+        return out
     out = []
     for v in np.geomspace(lo, hi, n):
         r = float(f"{v:.2g}")
@@ -216,15 +223,20 @@ def plot_sweep(
 
     groups = list(dict.fromkeys(r["group"] for r in runs))
     color = {g: COLORS[i % len(COLORS)] for i, g in enumerate(groups)}
+    # One budget: a colour per run (its curve and point); several: a colour per budget.
+    if len(groups) == 1:
+        run_color = [COLORS[i % len(COLORS)] for i in range(len(runs))]
+    else:
+        run_color = [color[r["group"]] for r in runs]
     curve_pts = [p for r in runs for p in r.get("curve", ()) if p[0] > 0 and p[1] > 0]
     cs = [r["compute"] for r in runs] + [p[0] for p in curve_pts]
     ls = [r["loss"] for r in runs] + [p[1] for p in curve_pts]
 
     left = _Panel(draw, (90, 60, 690, 520), cs, ls, small, "compute C (FLOPs)", ylabel)
-    for r in runs:
+    for r, rc in zip(runs, run_color, strict=True):
         curve = r.get("curve", ())
         if curve:
-            light = tuple(int(c + 0.55 * (255 - c)) for c in color[r["group"]])
+            light = tuple(int(c + 0.5 * (255 - c)) for c in rc)
             left.line([p[0] for p in curve], [p[1] for p in curve], light, width=2)
     if law is not None:
         xs = np.geomspace(*np.exp(left.lx), 80)
@@ -232,15 +244,15 @@ def plot_sweep(
         keep = (ys > np.exp(left.ly[0])) & (ys < np.exp(left.ly[1]))
         left.dashed(xs[keep], ys[keep], (0, 0, 0))
         draw.text((100, 68), law.formula(), fill=(0, 0, 0), font=small, anchor="lt")
-    for r in runs:
-        left.dot(r["compute"], r["loss"], color[r["group"]], label=r.get("label"))
+    for r, rc in zip(runs, run_color, strict=True):
+        left.dot(r["compute"], r["loss"], rc, label=r.get("label"))
     for c, _, lo in optima:
         left.dot(c, lo, (0, 0, 0), r=4)
 
     ns = [r["params"] for r in runs] + [o[1] for o in optima]
     right = _Panel(
         draw,
-        (790, 60, 1370, 520),
+        (790, 60, 1350, 520),
         ns,
         [r["loss"] for r in runs] + [o[2] for o in optima],
         small,
@@ -250,8 +262,8 @@ def plot_sweep(
     for g in groups:
         mine = sorted((r["params"], r["loss"]) for r in runs if r["group"] == g)
         right.line([p[0] for p in mine], [p[1] for p in mine], color[g], width=2)
-        for n, lo in mine:
-            right.dot(n, lo, color[g])
+    for r, rc in zip(runs, run_color, strict=True):
+        right.dot(r["params"], r["loss"], rc)
     for _, n_opt, lo in optima:
         right.dot(n_opt, lo, (0, 0, 0), r=4)
     if n_law is not None:
@@ -261,9 +273,11 @@ def plot_sweep(
     y = 560
     x = 90
     for g in groups:
-        draw.ellipse([x, y - 5, x + 10, y + 5], fill=color[g], outline=(0, 0, 0))
-        draw.text((x + 16, y), str(g), fill=(0, 0, 0), font=small, anchor="lm")
-        x += 26 + int(draw.textlength(str(g), font=small))
+        if len(groups) > 1:
+            draw.ellipse([x, y - 5, x + 10, y + 5], fill=color[g], outline=(0, 0, 0))
+            x += 16
+        draw.text((x, y), str(g), fill=(0, 0, 0), font=small, anchor="lm")
+        x += 10 + int(draw.textlength(str(g), font=small))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, optimize=True)

@@ -687,7 +687,11 @@ def figure(result: dict, path: Path, title: str) -> Path:
             "params": r["params"],
             "loss": r["loss"],
             "label": f"w{r['shape']['width']}",
-            "group": f"budget {r['budget']:.3g}",
+            "group": (
+                f"C = {r['budget']:.3g} FLOPs per run"
+                if result["allocation"] == "iso"
+                else f"budget {r['budget']:.3g} FLOPs split across the sizes"
+            ),
             "curve": r["curve"],
         }
         for r in result["runs"]

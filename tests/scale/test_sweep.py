@@ -262,3 +262,24 @@ def test_collect_fits_tables_and_plots(tmp_path):
     plan["runs"][0] = plan["runs"][0] | {"steps": 1000}
     with pytest.raises(sweep.SweepError, match="at step 10 of 1000"):
         sweep.collect(plan, tmp_path, "eval/bits_per_dim")
+
+
+def test_collect_isoflop_budgets_fit_n_opt(tmp_path):
+    """Iso allocation, two budgets: the best size of each (parabola in log N) and N_opt(C)."""
+    runs = []
+    for budget, best in [(1e12, 2000.0), (1e13, 8000.0)]:
+        for n in (500, 1000, 2000, 4000, 8000, 16000, 32000):
+            name = f"C{budget:.0e}_k{n}"
+            run = {"name": name, "k": n, "budget": budget, "params": n, "steps": 10}
+            run |= {"flops_per_step": budget / 10, "shape": {"width": 8, "depth": 2, "heads": 1}}
+            run |= {"compute": budget, "six_nd": 1.0}
+            loss = 2.0 * (budget / 1e12) ** -0.2 + 0.05 * (math.log(n) - math.log(best)) ** 2
+            _metrics(tmp_path / name, [{"step": 10, "eval/bits_per_dim": loss}])
+            runs.append(run)
+    result = sweep.collect({"allocation": "iso", "runs": runs}, tmp_path, "eval/bits_per_dim")
+    (_, n1, l1), (_, n2, l2) = result["optima"]
+    assert n1 == pytest.approx(2000.0, rel=1e-6) and n2 == pytest.approx(8000.0, rel=1e-6)
+    assert result["n_opt_law"]["b"] == pytest.approx(-math.log10(4), rel=1e-6)
+    assert result["law"]["b"] == pytest.approx(0.2, rel=1e-6)
+    assert "N_opt(C) =" in sweep.table(result)
+    sweep.figure(result, tmp_path / "iso.png", "iso")
