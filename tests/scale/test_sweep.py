@@ -148,9 +148,11 @@ def _dot_flops(jaxpr) -> int:
 @pytest.mark.parametrize("kv_heads", [None, 1])
 def test_layer_flops_match_traced_matmuls(kv_heads):
     f = FlowConfig(token_dim=4, width=32, head_dim=16, kv_heads=kv_heads, layers_per_block=(3,))
-    block = AFBlock(f, 3, "id", conditioned=False, rngs=nnx.Rngs(0))
+    abstract = nnx.eval_shape(lambda: AFBlock(f, 3, "id", conditioned=False, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
     t = 10
-    traced = jax.make_jaxpr(lambda h: block.hidden(h)[0])(jnp.zeros((2, t, 32)))
+    h = jax.ShapeDtypeStruct((2, t, 32), jnp.float32)
+    traced = jax.make_jaxpr(lambda s, h: nnx.merge(graphdef, s).hidden(h)[0])(state, h)
     assert _dot_flops(traced.jaxpr) == 2 * 3 * sweep._layer_forward_flops(t, f)
 
 
