@@ -505,6 +505,12 @@ def _curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
     return out
 
 
+def _step_time(run_dir: Path) -> float | None:
+    """Median train step time (s) over the log windows after the first (which compiles)."""
+    times = [t for _, t in _curve(run_dir, "step_time_s")][1:]
+    return float(sorted(times)[len(times) // 2]) if times else None
+
+
 def _done(run: dict, out: Path, metric: str) -> bool:
     try:
         step, _ = final_metric(out / run["name"], metric)
@@ -581,6 +587,7 @@ def collect(plan: dict, out: Path, metric: str, *, irreducible: bool = False) ->
             | {
                 "loss": value,
                 "wall_s": wall.get("wall_s"),
+                "step_s": _step_time(out / run["name"]),
                 "load_before": wall.get("load_before"),
                 "load_after": wall.get("load_after"),
                 "curve": curve,
@@ -632,6 +639,7 @@ def table(result: dict) -> str:
         "C (FLOPs)",
         "6ND",
         f"final {m}",
+        "s/step",
         "wall s",
         "load 1 min",
     ]
@@ -654,6 +662,7 @@ def table(result: dict) -> str:
             f"{r['compute']:.3g}",
             f"{r['six_nd']:.3g}",
             f"{r['loss']:.4f}",
+            f"{r['step_s']:.2f}" if r.get("step_s") is not None else "",
             wall,
             loads,
         ]
