@@ -1,5 +1,10 @@
 """CLI: python -m pretzel_jax.train --config experiments/x.py[:arg] [--config.train.steps=100 ...]
-[--run_dir runs/x]. Rerunning the same command resumes from the run dir's newest checkpoint."""
+[--run_dir runs/x]. Rerunning the same command resumes from the run dir's newest checkpoint.
+
+Multi-host: `--distributed` calls `jax.distributed.initialize()` first, which finds the cluster
+itself on Cloud TPU, SLURM and GKE (JobSet). Elsewhere (e.g. several processes on one machine)
+give it `--coordinator_address host:port --num_processes N --process_id i` as well. Every
+process runs the same command with the same (shared) run dir."""
 
 from __future__ import annotations
 
@@ -27,6 +32,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="call jax.distributed.initialize() first (multi-host TPU/GPU clusters)",
     )
+    cluster = parser.add_argument_group(
+        "explicit cluster (with --distributed, where it is not detected from the environment)"
+    )
+    cluster.add_argument("--coordinator_address", help="host:port of process 0's coordinator")
+    cluster.add_argument("--num_processes", type=int, help="how many processes in all")
+    cluster.add_argument("--process_id", type=int, help="this process's index, 0..N-1")
     args, rest = parser.parse_known_args(argv)
     overrides = cli_overrides(rest, parser.error)
     flags.FLAGS.mark_as_parsed()  # Grain reads absl flags; we parse our own arguments
@@ -34,10 +45,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Orbax logs every checkpoint step at INFO.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", force=True)
     logging.getLogger("pretzel_jax").setLevel(logging.INFO)
+    explicit = {
+        name: getattr(args, name)
+        for name in ("coordinator_address", "num_processes", "process_id")
+        if getattr(args, name) is not None
+    }
+    if explicit and not args.distributed:
+        parser.error(f"--{next(iter(explicit))} needs --distributed")
     if args.distributed:
         import jax
 
-        jax.distributed.initialize()
+        jax.distributed.initialize(**explicit)  # no arguments: detected from the cluster
     try:
         config = load_config(args.config, overrides=overrides)
         default_dir = Path("runs") / Path(args.config.split(".py:")[0]).stem
