@@ -398,7 +398,12 @@ class QwenVisionEncoder(nnx.Module):
         x = pixel_values.reshape(b, bh, m, p, bw, m, p, c).transpose(0, 1, 4, 2, 5, 7, 3, 6)
         x = jnp.broadcast_to(x[:, :, :, :, :, :, None], (*x.shape[:6], t, p, p))
         n = bh * bw * m * m
-        grid = ((1, bh * m, bw * m),) * b
-        feats = self.tower.features(x.reshape(b * n, c * t * p * p), grid)
+        grid = ((1, bh * m, bw * m),)
+        # One image at a time under vmap (the tower packs images into one token axis): the
+        # window permutations then keep a batch axis a mesh can shard (packed, every device
+        # ran the whole batch's tower).
+        feats = jax.vmap(lambda one: self.tower.features(one, grid))(
+            x.reshape(b, n, c * t * p * p)
+        )
         feats = feats.reshape(b, bh, bw, m, m, -1).transpose(0, 1, 3, 2, 4, 5)
         return feats.reshape(b, bh * m, bw * m, -1)

@@ -12,10 +12,12 @@ need no mesh).
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -100,6 +102,30 @@ def named_shardings(state, mesh: Mesh, rules: Rules):
         )
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def undivided(state, mesh: Mesh, rules: Rules, min_bytes: int) -> list[str]:
+    """The parameters of `state` (as for `named_shardings`) of at least `min_bytes` that stay
+    replicated on a dim whose logical axis asks for mesh axes its size does not divide, one
+    line each: such a parameter silently costs every device its full size."""
+    problems = []
+    leaves = jax.tree_util.tree_leaves_with_path(
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    for path, v in leaves:
+        value = v.get_value() if hasattr(v, "get_value") else v
+        axes, shape = _axes_of(v), getattr(value, "shape", None)
+        if axes is None or shape is None:
+            continue
+        size = math.prod(shape) * jnp.dtype(value.dtype).itemsize
+        wanted, got = logical_to_spec(axes, rules), logical_to_spec(axes, rules, shape, mesh)
+        if size >= min_bytes and wanted != got:
+            problems.append(
+                f"{jax.tree_util.keystr(path, simple=True, separator='/')} {tuple(shape)} "
+                f"{tuple(axes)}: wants {wanted}, "
+                f"gets {got} on mesh {dict(mesh.shape)}"
+            )
+    return problems
 
 
 @contextlib.contextmanager

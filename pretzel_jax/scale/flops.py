@@ -24,40 +24,20 @@ from jax.extend import core
 # log, tanh, ..., are counted apart and not here).
 _ELEMENTWISE = frozenset(
     [
-        "add",
-        "sub",
-        "mul",
-        "div",
-        "rem",
-        "max",
-        "min",
-        "neg",
-        "abs",
-        "sign",
-        "floor",
-        "ceil",
-        "round",
-        "select_n",
-        "clamp",
-        "eq",
-        "ne",
-        "lt",
-        "le",
-        "gt",
-        "ge",
-        "and",
-        "or",
-        "not",
-        "xor",
-        "integer_pow",
-        "square",
-        "convert_element_type",
+        *("add", "add_any", "sub", "mul", "div", "rem", "max", "min", "neg", "abs", "sign"),
+        *("clamp", "is_finite"),
+        *("floor", "ceil", "round", "select_n", "eq", "ne", "lt", "le", "gt", "ge"),
+        *("and", "or", "not", "xor", "shift_left", "shift_right_logical"),
+        *("shift_right_arithmetic", "integer_pow", "square", "convert_element_type"),
         "nextafter",
     ]
 )
 _REDUCTIONS = frozenset(
-    ["reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin"]
+    ["reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or"]
+    + ["argmax", "argmin"]
 )
+# Cumulative ops lower to a reduce-window as long as the axis: outputs x that length.
+_CUMULATIVE = frozenset(["cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +89,9 @@ def _eqn(eqn) -> Flops:
         return Flops(elementwise=float(_size(eqn.outvars[0])))
     if name in _REDUCTIONS:
         return Flops(elementwise=float(_size(eqn.invars[0])))
+    if name in _CUMULATIVE:
+        length = eqn.invars[0].aval.shape[eqn.params["axis"]]
+        return Flops(elementwise=float(_size(eqn.outvars[0]) * length))
     subs = [_jaxpr(getattr(j, "jaxpr", j)) for j in core.jaxprs_in_params(eqn.params)]
     if name == "scan":
         return subs[0] * eqn.params["length"]

@@ -40,6 +40,9 @@ def default_config() -> ConfigDict:
 
     # Mesh axis sizes (-1: all remaining devices) and the logical-axis -> mesh-axis rules.
     c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "rules": DEFAULT_RULES})
+    # A parameter this large (MiB) whose rules ask for mesh axes that its sizes do not divide is
+    # an error at start, not a silent full copy on every device.
+    c.mesh.replicated_limit_mib = 16.0
 
     c.optim = ConfigDict(
         {

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from pretzel_jax.nn.sharding import MESH_AXES
@@ -46,12 +47,22 @@ def mesh_shape(mesh_cfg: Mapping[str, int], device_count: int) -> dict[str, int]
 
 def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all) with Auto axis types, so XLA
-    propagates the shardings annotated on params and batches (GSPMD style)."""
-    count = len(devices) if devices is not None else jax.device_count()
-    sizes = mesh_shape(mesh_cfg, count)
-    return jax.make_mesh(
-        tuple(sizes[a] for a in MESH_AXES),
-        MESH_AXES,
-        axis_types=(AxisType.Auto,) * len(MESH_AXES),
-        devices=devices,
-    )
+    propagates the shardings annotated on params and batches (GSPMD style). Devices of several
+    slices (multi-slice TPU) split `data` across the slices (DCN) and every other axis within
+    a slice (ICI)."""
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = mesh_shape(mesh_cfg, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    if sizes["data"] % slices:
+        raise ConfigError(
+            f"mesh.data={sizes['data']}: the devices span {slices} slices and the data axis is "
+            f"the one across slices (DCN); make mesh.data a multiple of {slices} "
+            f"(e.g. --config.mesh.data={slices})"
+        )
+    ici = (sizes["data"] // slices, *shape[1:])
+    grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)

@@ -24,7 +24,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from pretzel_jax.nn.sharding import Rules, named_shardings
+from pretzel_jax.nn.sharding import Rules, named_shardings, undivided
+from pretzel_jax.train.errors import ConfigError
 from pretzel_jax.train.optimizer import (
     ParamPolicy,
     Params,
@@ -102,6 +103,16 @@ def build_setup(config: ConfigDict, mesh: Mesh, build_model: ModelBuilder) -> Tr
     trainable, _ = policy.split(pure_params)
     tx, schedule = make_optimizer(config.optim, config.train.steps, policy.decay_mask(trainable))
 
+    limit = config.mesh.replicated_limit_mib
+    undivided_params = undivided(abs_params, mesh, rules, int(limit * 2**20))
+    if undivided_params:
+        raise ConfigError(
+            f"{len(undivided_params)} parameter(s) of {limit} MiB or more would be replicated "
+            "where their sharding rules ask for mesh axes their sizes do not divide: "
+            + "; ".join(undivided_params[:4])
+            + ". Change the mesh sizes or config.mesh.rules, or raise "
+            "config.mesh.replicated_limit_mib to accept it"
+        )
     replicated = NamedSharding(mesh, PartitionSpec())
     param_shardings = named_shardings(abs_params, mesh, rules).to_pure_dict()
     train_shardings, frozen_shardings = policy.split(param_shardings)

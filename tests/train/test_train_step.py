@@ -116,3 +116,19 @@ def test_microbatches_average_the_gradients_of_their_slices():
 def test_microbatches_must_divide_the_batch_shards():
     with pytest.raises(ConfigError, match="train.microbatches=3"):
         validate(toy_config("train.microbatches=3"))
+
+
+def test_a_large_parameter_the_mesh_cannot_shard_is_an_error():
+    """mlp=6 does not divide tensor=4: dense1/dense2 would be replicated on that dim."""
+    config = toy_config("mesh.data=2", "mesh.fsdp=1", "mesh.tensor=4")
+
+    def build(config, *, rngs):
+        return build_toy(config, rngs=rngs, hidden=6)
+
+    build_setup(config, make_mesh(config.mesh), build)  # 192-byte kernels: under the limit
+    config.mesh.replicated_limit_mib = 0.0
+    with pytest.raises(
+        ConfigError, match=r"3 parameter.*dense1/kernel \(8, 6\).*mlp.*replicated_limit_mib"
+    ):
+        build_setup(config, make_mesh(config.mesh), build)
+    assert build_setup(toy_config("mesh.replicated_limit_mib=0"), make_mesh(config.mesh), build_toy)
