@@ -13,6 +13,8 @@ import pytest
 
 from pretzel_jax.scale import aot, topology
 from pretzel_jax.train.config import load_config
+from pretzel_jax.train.errors import ConfigError
+from pretzel_jax.train.mesh import make_mesh
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -21,13 +23,17 @@ pytestmark = pytest.mark.skipif(
 EXPERIMENT = "experiments/shapes_stage3.py"
 
 
+def _devices(s: topology.Slice) -> list:
+    try:
+        return topology.devices(s)
+    except topology.TopologyError as e:  # a libtpu that cannot make this chip's devices
+        pytest.skip(str(e))
+
+
 @pytest.fixture(scope="module")
 def v5p8():
     s = topology.parse("v5p-8")
-    try:
-        topology.devices(s)
-    except topology.TopologyError as e:
-        pytest.skip(str(e))
+    _devices(s)
     return s
 
 
@@ -76,3 +82,25 @@ def test_topology_names():
         topology.parse("v5p-12")
     with pytest.raises(topology.TopologyError, match="not a TPU slice name"):
         topology.parse("h100-8")
+
+
+def test_two_slices_put_the_data_axis_across_them():
+    devices = _devices(topology.parse("v5e-4", num_slices=2))
+    mesh = make_mesh({"data": 2, "fsdp": -1, "tensor": 1}, devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]
+    with pytest.raises(ConfigError, match="mesh.data=1: the devices span 2 slices"):
+        make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
+
+
+def test_cli_compiles_two_slices_saves_the_step_and_writes_the_table(tmp_path, capsys):
+    paths = ["--config.model.pretzel.vlm_path=", "--config.model.fae.encoder.path="]
+    argv = ["--config", f"{EXPERIMENT}:test", "--topology", "v5e-4", "--num_slices", "2"]
+    argv += ["--save", str(tmp_path / "step.bin"), "--markdown", str(tmp_path / "fit.md")]
+    assert aot.main(argv + paths + ["--config.mesh.data=2", "--config.mesh.fsdp=-1"]) == 0
+    assert "v5e-4 x 2 = 8 chips, data=2 x fsdp=4 x tensor=1" in capsys.readouterr().out
+    assert (tmp_path / "step.bin").stat().st_size > 0
+    rows = (tmp_path / "fit.md").read_text().splitlines()
+    assert len(rows) == 3 and rows[2].startswith("| v5e-4 x 2 | 8 | 1 |") and "| yes |" in rows[2]
+    assert aot.main(["--config", f"{EXPERIMENT}:test", "--topology", "v5p-12"]) == 2
+    assert "v5p slices come as" in capsys.readouterr().err
