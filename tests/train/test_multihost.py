@@ -33,12 +33,12 @@ import pytest
 from test_train_kill import _rows  # also puts the repository root on sys.path (kill_drill)
 
 from pretzel_jax.data import prepare_dataset
+from pretzel_jax.train.__main__ import main
 
 PROCESSES = 2
 DEVICES = 2  # per process
-STEPS = 6  # the :test size checkpoints every 2 steps: the kill leaves steps to redo
+STEPS = 4  # the :test size checkpoints every 2 steps: killed after step 2's, it redoes 3 and 4
 EXPERIMENT = "experiments/digits_flow.py:test"
-OVERRIDES = (f"--config.train.steps={STEPS}", "--config.model.report.samples_per_class=1")
 ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 240  # one whole 2-process run (20-50 s on 2 cores)
 GRACE_S = 2  # how long the survivor of a kill may take to exit by itself
@@ -60,10 +60,9 @@ def _child(argv: list[str], log: Path) -> None:
     os.dup2(fd, 2)
     code = 1
     try:
-        from pretzel_jax.train.__main__ import main
-
         code = main(argv)
-        jax.distributed.shutdown()  # what the CLI's exit does: every process leaves together
+        if code == 0:  # what the CLI's exit does: every process leaves together
+            jax.distributed.shutdown()
     except BaseException:
         traceback.print_exc()
     sys.stdout.flush()
@@ -83,7 +82,8 @@ class Job:
             argv = [
                 *("--distributed", "--coordinator_address", address),
                 *("--num_processes", str(PROCESSES), "--process_id", str(i)),
-                *("--config", EXPERIMENT, f"--config.data.data_dir={data_dir}", *OVERRIDES),
+                *("--config", EXPERIMENT, f"--config.data.data_dir={data_dir}"),
+                f"--config.train.steps={STEPS}",
                 *("--run_dir", str(run_dir)),
             ]
             pid = os.fork()
@@ -138,8 +138,8 @@ def drill(root: Path, data_dir: str) -> dict:
     import absl.flags
 
     absl.flags.FLAGS.mark_as_parsed()
-    import pretzel_jax.models  # noqa: F401  (imported before forking, once)
-    import pretzel_jax.train.__main__  # noqa: F401
+    import pretzel_jax.eval.image_flow_report  # noqa: F401  (imported before forking, once)
+    import pretzel_jax.models  # noqa: F401
 
     times, start = {}, time.monotonic()
     Job(root / "reference", data_dir, "reference").finish()
@@ -149,9 +149,8 @@ def drill(root: Path, data_dir: str) -> dict:
     job = Job(run_dir, data_dir, "drill")
     first = run_dir / "checkpoints" / "2"  # Orbax renames a step's folder to this once committed
     while not first.exists():
-        if time.monotonic() - start > RUN_TIMEOUT_S or any(
-            job.poll(p) is not None for p in job.pids
-        ):
+        exited = [p for p in job.pids if job.poll(p) is not None]
+        if exited or time.monotonic() - start > RUN_TIMEOUT_S:
             job.fail(f"{first} never appeared")
         time.sleep(0.02)
     survivor, victim = job.pids
@@ -237,6 +236,13 @@ def test_sigkill_one_process_then_restart_both_resumes_bit_for_bit(data_dir, tmp
     rows = _rows(drill_dir)
     assert [r["step"] for r in rows if "loss" in r] == list(range(2, STEPS + 1, 2))  # log_every 2
     assert rows == _rows(reference)  # each step once, with the same values (report included)
+
+
+def test_cluster_flags_need_distributed(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", EXPERIMENT, "--process_id", "1"])
+    assert exit_info.value.code == 2
+    assert "--process_id needs --distributed" in capsys.readouterr().err
 
 
 if __name__ == "__main__":
