@@ -219,10 +219,7 @@ def collective_bytes(hlo: str) -> dict[str, int]:
                     for t, dims in _ARRAY.findall(m.group(1))
                 )
                 out[m.group(2)] = out.get(m.group(2), 0) + size
-            trips = 1
-            if " while(" in line:
-                t = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-                trips = int(t.group(1)) if t else 1
+            trips = _trip_count(line, comps) if " while(" in line else 1
             for callee in re.findall(
                 r"(?:body|to_apply|calls|branch_computations)=\{?%?([\w.\-]+)", line
             ):
@@ -231,6 +228,21 @@ def collective_bytes(hlo: str) -> dict[str, int]:
         return out
 
     return dict(sorted(total(entry).items())) if entry else {}
+
+
+def _trip_count(line: str, comps: dict[str, list[str]]) -> int:
+    """A while loop's trip count: XLA's `known_trip_count`, else the one integer constant its
+    condition compares the counter with (how a scan lowers), else 1."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", line)
+    consts = {
+        int(c)
+        for body_line in comps.get(cond.group(1) if cond else "", ())
+        for c in re.findall(r"s32\[\][^=]*constant\((\d+)\)", body_line)
+    }
+    return consts.pop() if len(consts) == 1 else 1
 
 
 def compile_step(

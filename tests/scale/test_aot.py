@@ -16,7 +16,7 @@ from pretzel_jax.train.config import load_config
 from pretzel_jax.train.errors import ConfigError
 from pretzel_jax.train.mesh import make_mesh
 
-pytestmark = pytest.mark.skipif(
+needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="libtpu is not installed (pip install -r requirements-tpu.txt; Linux only)",
 )
@@ -44,6 +44,7 @@ def _config(*overrides: str):
     return load_config(EXPERIMENT, overrides=paths + overrides, device_count=4, process_count=1)
 
 
+@needs_libtpu
 def test_toy_stage3_fits_v5p8_and_its_counted_flops_match_the_unrolled_compile(v5p8):
     config = aot.variant(_config(), unroll=True)
     report = aot.compile_step(config, EXPERIMENT, v5p8)
@@ -58,6 +59,7 @@ def test_toy_stage3_fits_v5p8_and_its_counted_flops_match_the_unrolled_compile(v
     assert report.collective_bytes["all-reduce"] >= 0.9 * report.params_bytes
 
 
+@needs_libtpu
 def test_an_over_budget_step_names_the_hbm_figures(v5p8):
     # A 32768-wide flow: 12.9B parameters replicated on each chip with their Adam moments.
     config = load_config(
@@ -84,6 +86,7 @@ def test_topology_names():
         topology.parse("h100-8")
 
 
+@needs_libtpu
 def test_two_slices_put_the_data_axis_across_them():
     devices = _devices(topology.parse("v5e-4", num_slices=2))
     mesh = make_mesh({"data": 2, "fsdp": -1, "tensor": 1}, devices)
@@ -93,6 +96,7 @@ def test_two_slices_put_the_data_axis_across_them():
         make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
 
 
+@needs_libtpu
 def test_cli_compiles_two_slices_saves_the_step_and_writes_the_table(tmp_path, capsys):
     paths = ["--config.model.pretzel.vlm_path=", "--config.model.fae.encoder.path="]
     argv = ["--config", f"{EXPERIMENT}:test", "--topology", "v5e-4", "--num_slices", "2"]
@@ -104,3 +108,29 @@ def test_cli_compiles_two_slices_saves_the_step_and_writes_the_table(tmp_path, c
     assert len(rows) == 3 and rows[2].startswith("| v5e-4 x 2 | 8 | 1 |") and "| yes |" in rows[2]
     assert aot.main(["--config", f"{EXPERIMENT}:test", "--topology", "v5p-12"]) == 2
     assert "v5p slices come as" in capsys.readouterr().err
+
+
+HLO = """\
+%cond.1 (p: (s32[], f32[8])) -> pred[] {
+  %c = s32[] constant(6)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%body.2 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = bf16[4,1024]{1,0:T(8,128)} all-gather(%x), channel_id=1, dimensions={0}
+  %ar = (f32[8]{0}, /*index=1*/f32[2,2]{1,0}) all-reduce(%a, %b), to_apply=%add
+}
+
+ENTRY %main.3 (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%t), condition=%cond.1, body=%body.2
+  %rs = f32[16]{0} reduce-scatter(%y), dimensions={0}, to_apply=%add
+}
+"""
+
+
+def test_collective_bytes_multiply_loop_bodies_by_their_trip_count():
+    assert aot.collective_bytes(HLO) == {
+        "all-gather": 6 * 4 * 1024 * 2,
+        "all-reduce": 6 * (8 + 4) * 4,
+        "reduce-scatter": 16 * 4,
+    }
