@@ -32,12 +32,13 @@ class PowerLaw:
     e: float = 0.0
     rmse_log: float = 0.0
     points: int = 0
+    irreducible: bool = False  # fitted with the e term (which may come out 0)
 
     def __call__(self, x):
         return self.e + self.a * np.power(np.asarray(x, np.float64), -self.b)
 
     def formula(self, y: str = "L", x: str = "C") -> str:
-        head = f"{self.e:.4g} + " if self.e else ""
+        head = f"{self.e:.4g} + " if self.e or self.irreducible else ""
         return f"{y}({x}) = {head}{self.a:.4g} * {x}^-{self.b:.4g}"
 
     def to_dict(self) -> dict:
@@ -95,7 +96,7 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], *, irreducible: bool =
     if err > errs[i]:
         e = float(grid[i])
         a, b, err = at(e)
-    return PowerLaw(a, b, float(e), err, len(x))
+    return PowerLaw(a, b, float(e), err, len(x), irreducible=True)
 
 
 def isoflop_minimum(n: Sequence[float], loss: Sequence[float]) -> tuple[float, float]:
@@ -270,7 +271,7 @@ def plot_sweep(
         draw.text((800, 68), n_law.formula("N_opt"), fill=(0, 0, 0), font=small, anchor="lt")
 
     # Legend: one entry per budget group.
-    y = 560
+    y = 590
     x = 90
     for g in groups:
         if len(groups) > 1:

@@ -688,7 +688,8 @@ def figure(result: dict, path: Path, title: str) -> Path:
 
     def law(key):
         d = result.get(key)
-        return PowerLaw(d["a"], d["b"], d["e"], d["rmse_log"], d["points"]) if d else None
+        fields = ("a", "b", "e", "rmse_log", "points", "irreducible")
+        return PowerLaw(**{k: d[k] for k in fields if k in d}) if d else None
 
     runs = [
         {
