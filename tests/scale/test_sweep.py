@@ -16,7 +16,7 @@ from ml_collections import ConfigDict
 from pretzel_jax import models
 from pretzel_jax.flow import FlowConfig
 from pretzel_jax.flow.block import AFBlock
-from pretzel_jax.scale import sweep
+from pretzel_jax.scale import flops, sweep
 from pretzel_jax.scale.powerlaw import fit_power_law, isoflop_minimum
 from pretzel_jax.train.config import load_config
 
@@ -129,22 +129,6 @@ def test_plan_param_counts_match_eval_shape(plan, missing):
         assert r.params_total == sum(math.prod(v.shape) for v in flat.values())
 
 
-def _dot_flops(jaxpr) -> int:
-    """2 * m * n * k of every dot_general (scan bodies times their length)."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            (contract, _), _ = eqn.params["dimension_numbers"]
-            a = eqn.invars[0].aval
-            n += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(a.shape[i] for i in contract)
-        mult = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-        for p in eqn.params.values():
-            sub = getattr(p, "jaxpr", p)
-            if hasattr(sub, "eqns"):
-                n += mult * _dot_flops(sub)
-    return n
-
-
 @pytest.mark.parametrize("kv_heads", [None, 1])
 def test_layer_flops_match_traced_matmuls(kv_heads):
     f = FlowConfig(token_dim=4, width=32, head_dim=16, kv_heads=kv_heads, layers_per_block=(3,))
@@ -152,8 +136,8 @@ def test_layer_flops_match_traced_matmuls(kv_heads):
     graphdef, state = nnx.split(abstract)
     t = 10
     h = jax.ShapeDtypeStruct((2, t, 32), jnp.float32)
-    traced = jax.make_jaxpr(lambda s, h: nnx.merge(graphdef, s).hidden(h)[0])(state, h)
-    assert _dot_flops(traced.jaxpr) == 2 * 3 * sweep._layer_forward_flops(t, f)
+    counted = flops.count(lambda s, h: nnx.merge(graphdef, s).hidden(h)[0], state, h)
+    assert counted.matmul == 2 * 3 * sweep._layer_forward_flops(t, f)
 
 
 def test_plan_flops_scale_with_batch(missing):
