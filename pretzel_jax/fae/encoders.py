@@ -402,8 +402,6 @@ class QwenVisionEncoder(nnx.Module):
         # One image at a time under vmap (the tower packs images into one token axis): the
         # window permutations then keep a batch axis a mesh can shard (packed, every device
         # ran the whole batch's tower).
-        feats = jax.vmap(lambda one: self.tower.features(one, grid))(
-            x.reshape(b, n, c * t * p * p)
-        )
+        feats = jax.vmap(lambda one: self.tower.features(one, grid))(x.reshape(b, n, c * t * p * p))
         feats = feats.reshape(b, bh, bw, m, m, -1).transpose(0, 1, 3, 2, 4, 5)
         return feats.reshape(b, bh * m, bw * m, -1)

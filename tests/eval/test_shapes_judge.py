@@ -20,6 +20,9 @@ from pretzel_jax.data.shapes.grammar import (
 from pretzel_jax.data.shapes.scene import COLORS, ObjectSpec, SceneSpec
 from pretzel_jax.eval import shapes_judge as sj
 
+# One judge training serves every test of the file: the file runs in the slow step.
+pytestmark = pytest.mark.slow
+
 SHORT = sj.JudgeConfig(steps=300, pool=768)
 
 

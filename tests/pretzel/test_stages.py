@@ -71,6 +71,7 @@ def _checkpoint_arrays(run_dir: Path, step: int) -> set[str]:
     return {"/".join(str(getattr(k, "key", k)) for k in path) for path, _ in flat}
 
 
+@pytest.mark.slow
 def test_three_stages_chain_resume_and_keep_frozen_weights_out(files, tmp_path, capsys):
     for stage in (1, 2, 3):
         run = tmp_path / f"stage{stage}"

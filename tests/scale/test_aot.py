@@ -44,6 +44,7 @@ def _config(*overrides: str):
     return load_config(EXPERIMENT, overrides=paths + overrides, device_count=4, process_count=1)
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_toy_stage3_fits_v5p8_and_its_counted_flops_match_the_unrolled_compile(v5p8):
     config = aot.variant(_config(), unroll=True)
@@ -59,6 +60,7 @@ def test_toy_stage3_fits_v5p8_and_its_counted_flops_match_the_unrolled_compile(v
     assert report.collective_bytes["all-reduce"] >= 0.9 * report.params_bytes
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_an_over_budget_step_names_the_hbm_figures(v5p8):
     # A 32768-wide flow: 12.9B parameters replicated on each chip with their Adam moments.
@@ -96,6 +98,7 @@ def test_two_slices_put_the_data_axis_across_them():
         make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_cli_compiles_two_slices_saves_the_step_and_writes_the_table(tmp_path, capsys):
     paths = ["--config.model.pretzel.vlm_path=", "--config.model.fae.encoder.path="]

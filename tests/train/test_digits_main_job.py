@@ -20,6 +20,7 @@ def data_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow
 def test_digits_flow_trains_checkpoints_and_reports(data_dir, tmp_path):
     config = load_config(EXPERIMENT + ":test", overrides=[f"data.data_dir={data_dir}"])
     result = train(config, tmp_path)

@@ -202,6 +202,7 @@ def _state(run_dir: Path) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree.leaves_with_path(state)}
 
 
+@pytest.mark.slow
 def test_sigkill_one_process_then_restart_both_resumes_bit_for_bit(data_dir, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, __file__, str(tmp_path), data_dir],

@@ -30,6 +30,7 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@pytest.mark.slow
 def test_shapes_fae_trains_resumes_exactly_and_exports(data_dir, tmp_path):
     config = load_config(
         EXPERIMENT, overrides=[f"data.data_dir={data_dir}", "model.fae.report.images=0"]

@@ -79,6 +79,7 @@ def _train_rows(run_dir) -> list[dict]:
     return [r for r in rows if "loss" in r]
 
 
+@pytest.mark.slow
 def test_smoke_run_resumes_reports_and_starts_the_vlm(data_dir, tmp_path):
     run = ["--config", TOWER, f"--config.data.data_dir={data_dir}", "--run_dir", str(tmp_path)]
     assert main(run) == 0  # 4 steps, checkpoints at 2 and 4

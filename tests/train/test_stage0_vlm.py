@@ -45,6 +45,7 @@ def _train_rows(run_dir) -> list[dict]:
     return [r for r in rows if "loss" in r]
 
 
+@pytest.mark.slow
 def test_smoke_run_resumes_and_reports_every_field(data_dir, tmp_path):
     run = ["--config", EXPERIMENT + ":test", f"--config.data.data_dir={data_dir}"]
     run += ["--run_dir", str(tmp_path)]

@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from kill_drill import STEPS
 
 KILLS = 20
@@ -35,6 +36,7 @@ def _rows(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_resumes_to_the_same_state_bit_for_bit(tmp_path):
     seed = random.randrange(2**31)
     # Every program compiled by the reference run is cached, so restarts load them.
