@@ -7,8 +7,9 @@ and chunked decoding (a chunk of T tokens written at the cache's index) inside `
 - prefix: keys in slots < prefix_len[b] are visible to every query (prefix-LM);
 - key padding: `kv_mask` (B, S) marks valid keys; the cache stores it with k and v, so a padded
   context stays masked during decoding.
-A fixed cache size keeps decode-step shapes static: one compile, and the cost of a step does not
-depend on its position.
+A fixed cache size keeps decode-step shapes static: one compile. A cached call attends only the
+cache's filled blocks (`cached_attention`: a while loop over key blocks with an online softmax),
+so a step's cost follows the filled length, not the capacity.
 """
 
 from __future__ import annotations
@@ -131,6 +132,59 @@ def dot_product_attention(
     return jnp.where(seen, out, 0).reshape(b, t, h, d)
 
 
+def decode_block(size: int, largest: int = 256) -> int | None:
+    """The key-block size `cached_attention` uses for a cache of `size` slots: its largest
+    divisor in [32, largest] below `size`, or None (small or awkward sizes: attend it whole)."""
+    return next((b for b in range(min(largest, size // 2), 31, -1) if size % b == 0), None)
+
+
+def cached_attention(
+    q: jax.Array,
+    cache: KVCache,
+    q_slots: jax.Array,
+    scale: float,
+    block: int,
+    *,
+    causal: bool = True,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """q (B, T, H, D) over the keys of `cache` (after its write) in blocks of `block` slots,
+    only as many as hold keys (ceil(index / block), a while loop), with an online softmax in
+    fp32: what `dot_product_attention` gives over the whole cache, up to rounding. `mask`
+    (B, T, S) replaces the causal-by-slot rule; the cache's kv_mask always applies."""
+    b, t, h, d = q.shape
+    kvh = cache.k.shape[2]
+    qg = q.reshape(b, t, kvh, h // kvh, d)
+    zero = jnp.zeros((), jnp.int32)
+
+    def body(carry):
+        i, m, total, acc = carry
+        start = i * block
+        k = jax.lax.dynamic_slice_in_dim(cache.k, start, block, axis=1)
+        v = jax.lax.dynamic_slice_in_dim(cache.v, start, block, axis=1)
+        seen = jax.lax.dynamic_slice_in_dim(cache.kv_mask, start, block, axis=1)[:, None, :]
+        if mask is None:
+            seen = seen & make_mask(q_slots, start + jnp.arange(block), causal=causal)
+        else:
+            seen = seen & jax.lax.dynamic_slice_in_dim(mask, start, block, axis=2)
+        seen = seen[:, None, None]  # (B, 1, 1, T, blk)
+        logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+        logits = jnp.where(seen, logits * scale, NEG_INF)
+        m_new = jnp.maximum(m, logits.max(-1))
+        p = jnp.where(seen, jnp.exp(logits - m_new[..., None]), 0.0)
+        rescale = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v)
+        acc = acc * rescale[..., None] + pv.astype(jnp.float32)
+        return i + 1, m_new, total * rescale + p.sum(-1), acc
+
+    blocks = (jnp.max(cache.index) + block - 1) // block
+    shape = (b, kvh, h // kvh, t)
+    init = (zero, jnp.full(shape, NEG_INF), jnp.zeros(shape), jnp.zeros((*shape, d)))
+    _, _, total, acc = jax.lax.while_loop(lambda c: c[0] < blocks, body, init)
+    out = jnp.where(total[..., None] > 0, acc / jnp.maximum(total, 1e-30)[..., None], 0.0)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
+
+
 class Attention(nnx.Module):
     """Self-attention with separate q/k/v projections (GQA when kv_heads < heads)."""
 
@@ -186,9 +240,14 @@ class Attention(nnx.Module):
             q = apply_rope(q, *rope, interleaved=self.rope_interleaved)
             k = apply_rope(k, *rope, interleaved=self.rope_interleaved)
         new_valid = jnp.ones((b, t), bool) if kv_mask is None else kv_mask
+        scale = scale or self.head_dim**-0.5
         if cache is not None:
             q_slots = cache.index + jnp.arange(t)
             cache = cache.write(k, v, new_valid)
+            block = decode_block(cache.size)
+            if block is not None:
+                out = cached_attention(q, cache, q_slots, scale, block, causal=causal, mask=mask)
+                return self.o(out.reshape(b, t, self.heads * self.head_dim)), cache
             k, v = cache.k, cache.v
             if mask is None:
                 mask = make_mask(q_slots, jnp.arange(cache.size), causal=causal)
@@ -196,5 +255,5 @@ class Attention(nnx.Module):
         elif mask is None:
             slots = jnp.arange(t)
             mask = make_mask(slots, slots, causal=causal, kv_mask=new_valid)
-        out = dot_product_attention(q, k, v, mask, scale or self.head_dim**-0.5)
+        out = dot_product_attention(q, k, v, mask, scale)
         return self.o(out.reshape(b, t, self.heads * self.head_dim)), cache

@@ -6,6 +6,7 @@ from flax import nnx
 
 from pretzel_jax.nn import (
     Attention,
+    KVCache,
     LayerStack,
     RMSNorm,
     TransformerConfig,
@@ -17,6 +18,7 @@ from pretzel_jax.nn import (
     rope_mrope,
     rope_sectioned,
 )
+from pretzel_jax.nn.attention import cached_attention, decode_block
 from pretzel_jax.nn.sharding import DEFAULT_RULES, logical_to_spec
 
 CFG = TransformerConfig(dim=32, heads=4, head_dim=8, kv_heads=2, mlp_hidden=64)
@@ -66,13 +68,14 @@ def test_packed_documents_do_not_see_each_other():
     np.testing.assert_allclose(packed[:, 3:], alone, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [16, 64], ids=["whole", "blocks"])  # 64: two 32-slot blocks
 @pytest.mark.parametrize("chunks", [(10,), (1,) * 10, (4, 1, 3, 2)])
-def test_cached_decoding_equals_full_forward(chunks):
+def test_cached_decoding_equals_full_forward(chunks, size):
     stack = LayerStack(CFG, 2, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 10, 32))
     cos, sin = _rope(2, 10)
     full, _ = stack(x, rope=(cos, sin))
-    cache = stack.init_cache(2, 16)
+    cache = stack.init_cache(2, size)
     step = jax.jit(lambda h, r, c: stack(h, rope=r, cache=c))
     outs, start = [], 0
     for n in chunks:
@@ -82,6 +85,38 @@ def test_cached_decoding_equals_full_forward(chunks):
         start += n
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
     assert int(cache.index[0]) == 10
+
+
+def _filled_cache(size: int, index: int) -> KVCache:
+    keys = jax.random.split(jax.random.key(3), 3)
+    k = jax.random.normal(keys[0], (2, size, 2, 8))
+    v = jax.random.normal(keys[1], (2, size, 2, 8))
+    valid = (jax.random.uniform(keys[2], (2, size)) > 0.2) & (jnp.arange(size) < index)
+    return KVCache(k, v, valid, jnp.asarray(index, jnp.int32))
+
+
+def test_cached_attention_equals_the_whole_cache_and_reads_only_filled_blocks():
+    assert decode_block(16) is None and decode_block(1040) == 208 and decode_block(4096) == 256
+    q = jax.random.normal(jax.random.key(0), (2, 3, 4, 8))
+    cache = _filled_cache(256, 150)  # blocks of 128: two hold keys
+    slots = 147 + jnp.arange(3)
+    whole = make_mask(slots, jnp.arange(256)) & cache.kv_mask[:, None, :]
+    ref = dot_product_attention(q, cache.k, cache.v, whole, 0.3)
+    got = jax.jit(cached_attention, static_argnums=(3, 4))(q, cache, slots, 0.3, 128)
+    np.testing.assert_allclose(got, ref, atol=2e-6)
+    # A given mask replaces the causal rule; a query that sees no key gets zeros.
+    mask = jax.random.uniform(jax.random.key(4), (2, 3, 256)) > 0.5
+    mask = mask.at[1, 2].set(False)
+    ref = dot_product_attention(q, cache.k, cache.v, mask & cache.kv_mask[:, None, :], 0.3)
+    got = cached_attention(q, cache, slots, 0.3, 128, mask=mask)
+    np.testing.assert_allclose(got, ref, atol=2e-6)
+    np.testing.assert_array_equal(got[1, 2], 0.0)
+    # Slots past the filled blocks are never read (NaN there would poison the whole-cache sum).
+    cache = _filled_cache(256, 100)
+    cache = cache.replace(v=cache.v.at[:, 128:].set(jnp.nan))
+    assert np.isfinite(cached_attention(q, cache, 97 + jnp.arange(3), 0.3, 128)).all()
+    whole = make_mask(97 + jnp.arange(3), jnp.arange(256)) & cache.kv_mask[:, None, :]
+    assert not np.isfinite(dot_product_attention(q, cache.k, cache.v, whole, 0.3)).all()
 
 
 def test_rolled_back_cache_index_overwrites_a_failed_chunk():
