@@ -27,12 +27,18 @@ NEG_INF = -1e30
 
 @struct.dataclass
 class KVCache:
-    """k, v: (B, S, kv_heads, head_dim); kv_mask: (B, S) valid keys; index: next slot to write."""
+    """k, v: (B, S, kv_heads, head_dim); kv_mask: (B, S) valid keys; index: next slot to write.
+
+    A layer stack keeps one cache per layer stacked in front ((L, B, S, ...), index (L,)) and
+    hands each layer a view: the stacked buffers, that layer's index and `layer` = its position.
+    Writes and reads of a view address the stacked buffers in place, so a decode step moves
+    only the slots it writes and reads, never a whole layer's cache."""
 
     k: jax.Array
     v: jax.Array
     kv_mask: jax.Array
     index: jax.Array
+    layer: jax.Array | None = None
 
     @classmethod
     def init(cls, batch: int, size: int, kv_heads: int, head_dim: int, dtype=jnp.float32):
@@ -54,12 +60,31 @@ class KVCache:
         writing at the same index again). The index is not clamped: see `overflowed`."""
         i = self.index
         o = jnp.zeros((), i.dtype)
-        return KVCache(
-            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), (o, i, o, o)),
-            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), (o, i, o, o)),
-            kv_mask=jax.lax.dynamic_update_slice(self.kv_mask, kv_mask, (o, i)),
+        lead = () if self.layer is None else (self.layer.astype(i.dtype),)
+        one = (lambda x: x) if self.layer is None else (lambda x: x[None])
+
+        def put(buf, new, tail):
+            return jax.lax.dynamic_update_slice(
+                buf, one(new.astype(buf.dtype)), (*lead, o, i, *tail)
+            )
+
+        return self.replace(
+            k=put(self.k, k, (o, o)),
+            v=put(self.v, v, (o, o)),
+            kv_mask=put(self.kv_mask, kv_mask, ()),
             index=i + k.shape[1],
         )
+
+    def slots(self, start, length: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(k, v, kv_mask) of slots [start, start + length) of this (layer's) cache."""
+
+        def take(buf):
+            if self.layer is None:
+                return jax.lax.dynamic_slice_in_dim(buf, start, length, axis=1)
+            buf = jax.lax.dynamic_slice_in_dim(buf, self.layer, 1, axis=0)
+            return jax.lax.dynamic_slice_in_dim(buf, start, length, axis=2)[0]
+
+        return take(self.k), take(self.v), take(self.kv_mask)
 
     def at(self, index) -> KVCache:
         """The same buffers with the write index moved (e.g. rolled back for a Jacobi retry);
@@ -153,16 +178,15 @@ def cached_attention(
     fp32: what `dot_product_attention` gives over the whole cache, up to rounding. `mask`
     (B, T, S) replaces the causal-by-slot rule; the cache's kv_mask always applies."""
     b, t, h, d = q.shape
-    kvh = cache.k.shape[2]
+    kvh = cache.k.shape[-2]
     qg = q.reshape(b, t, kvh, h // kvh, d)
     zero = jnp.zeros((), jnp.int32)
 
     def body(carry):
         i, m, total, acc = carry
         start = i * block
-        k = jax.lax.dynamic_slice_in_dim(cache.k, start, block, axis=1)
-        v = jax.lax.dynamic_slice_in_dim(cache.v, start, block, axis=1)
-        seen = jax.lax.dynamic_slice_in_dim(cache.kv_mask, start, block, axis=1)[:, None, :]
+        k, v, seen = cache.slots(start, block)
+        seen = seen[:, None, :]
         if mask is None:
             seen = seen & make_mask(q_slots, start + jnp.arange(block), causal=causal)
         else:
@@ -248,10 +272,10 @@ class Attention(nnx.Module):
             if block is not None:
                 out = cached_attention(q, cache, q_slots, scale, block, causal=causal, mask=mask)
                 return self.o(out.reshape(b, t, self.heads * self.head_dim)), cache
-            k, v = cache.k, cache.v
+            k, v, valid = cache.slots(0, cache.size)
             if mask is None:
                 mask = make_mask(q_slots, jnp.arange(cache.size), causal=causal)
-            mask = mask & cache.kv_mask[:, None, :]
+            mask = mask & valid[:, None, :]
         elif mask is None:
             slots = jnp.arange(t)
             mask = make_mask(slots, slots, causal=causal, kv_mask=new_valid)

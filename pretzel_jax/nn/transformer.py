@@ -111,15 +111,31 @@ class LayerStack(nnx.Module):
         """Runs every layer. `cache` is the stacked per-layer cache (from init_cache) or None.
         -> (x, cache), or with `collect` (x, cache, every layer's output stacked (layers, ...))."""
         graphdef, state = nnx.split(self.layers)
-
-        def body(h, xs):
-            layer_state, layer_cache = xs
-            layer = nnx.merge(graphdef, layer_state)
-            h, layer_cache = layer(h, rope=rope, mask=mask, kv_mask=kv_mask, cache=layer_cache)
-            return h, (layer_cache, h) if collect else layer_cache
-
+        kw = dict(rope=rope, mask=mask, kv_mask=kv_mask)
         policy = REMAT_POLICIES[self.cfg.remat]
-        if policy is not None:
-            body = jax.checkpoint(body, policy=policy)
-        x, ys = jax.lax.scan(body, x, (state, cache), unroll=self.cfg.unroll_layers)
-        return (x, *ys) if collect else (x, ys)
+        unroll = self.cfg.unroll_layers
+
+        if cache is None:
+
+            def body(h, layer_state):
+                h, _ = nnx.merge(graphdef, layer_state)(h, **kw)
+                return h, h if collect else None
+
+            if policy is not None:
+                body = jax.checkpoint(body, policy=policy)
+            x, hs = jax.lax.scan(body, x, state, unroll=unroll)
+            return (x, None, hs) if collect else (x, None)
+
+        # The stacked cache rides in the carry and each layer writes its view of it in place
+        # (as scan inputs and outputs, every step would copy every layer's whole cache).
+        def cached_body(carry, xs):
+            h, stacked = carry
+            i, layer_state = xs
+            view = stacked.replace(index=stacked.index[i], layer=i)
+            h, view = nnx.merge(graphdef, layer_state)(h, cache=view, **kw)
+            stacked = view.replace(index=stacked.index.at[i].set(view.index), layer=None)
+            return (h, stacked), h if collect else None
+
+        steps = (jnp.arange(self.num_layers), state)
+        (x, cache), hs = jax.lax.scan(cached_body, (x, cache), steps, unroll=unroll)
+        return (x, cache, hs) if collect else (x, cache)
