@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 
 from pretzel_jax import models
@@ -23,7 +22,7 @@ from pretzel_jax.data.pipeline import make_layout
 from pretzel_jax.data.schema import ROLE_USER, Segment
 from pretzel_jax.pretzel.model import Pretzel
 from pretzel_jax.pretzel.sampler import SampleConfig, sample
-from pretzel_jax.train.config import validate
+from pretzel_jax.train.config import saved_config, validate
 from pretzel_jax.train.mesh import make_mesh
 from pretzel_jax.train.state import build_setup, init_rest, init_state, model_from
 
@@ -41,7 +40,7 @@ def load_run(run_dir: str | Path) -> tuple[Pretzel, Layout]:
                 f"{f} is missing: give --run the folder of a finished Pretzel stage "
                 "(python -m pretzel_jax.train --config experiments/shapes_stage1.py writes one)"
             )
-    config = ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
+    config = saved_config(json.loads(cfg_file.read_text()))
     if config.model.kind != "pretzel":
         raise ValueError(f"{cfg_file}: model.kind is {config.model.kind!r}, not 'pretzel'")
     config.model.pretzel.init_from = str(weights)

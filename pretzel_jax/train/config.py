@@ -305,6 +305,23 @@ def _data_problems(data: ConfigDict) -> list[str]:
     return [f"data.name={data.name!r} is not a known data set; {fix}"]
 
 
+def saved_config(values: dict) -> ConfigDict:
+    """A run folder's config.json (as a dict) as a ConfigDict, with the keys added to
+    default_config() since it was written filled in at their defaults, so the runs of an older
+    version still load (its unknown keys still fail `validate`)."""
+    config = ConfigDict(values)
+
+    def fill(node: ConfigDict, reference: ConfigDict) -> None:
+        for key, value in reference.items():
+            if key not in node:
+                node[key] = value
+            elif isinstance(value, ConfigDict) and isinstance(node[key], ConfigDict):
+                fill(node[key], value)
+
+    fill(config, _reference_config(config))
+    return config
+
+
 def _reference_config(config: ConfigDict) -> ConfigDict:
     """default_config(), with the curriculum stage pipeline's data keys when config.data names a
     `stage` (`pretzel_jax.data.stage_config`: packed multimodal sequences)."""

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pretzel_jax.train.__main__ import main
-from pretzel_jax.train.config import ConfigError, default_config, load_config, validate
+from pretzel_jax.train.config import (
+    ConfigError,
+    default_config,
+    load_config,
+    saved_config,
+    validate,
+)
 
 EXPERIMENT = """
 from pretzel_jax.train.config import default_config
@@ -121,3 +129,14 @@ def test_cli_reports_a_bad_key_as_one_line(experiment, capsys):
     assert main(["--config", path, "--config.train.stepz", "3"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown config key 'train.stepz'") and "\n" not in err
+
+
+def test_a_saved_config_of_an_older_version_gets_the_new_keys_at_their_defaults():
+    values = json.loads(default_config().to_json_best_effort())
+    del values["train"]["microbatches"], values["mesh"]["replicated_limit_mib"]
+    config = saved_config(values)
+    assert config.train.microbatches == 1 and config.mesh.replicated_limit_mib == 16.0
+    validate(config, device_count=8, process_count=1)
+    values["train"]["microbatchez"] = 2
+    with pytest.raises(ConfigError, match="train.microbatchez"):
+        validate(saved_config(values), device_count=8, process_count=1)
