@@ -60,13 +60,12 @@ class KVCache:
         writing at the same index again). The index is not clamped: see `overflowed`."""
         i = self.index
         o = jnp.zeros((), i.dtype)
-        lead = () if self.layer is None else (self.layer.astype(i.dtype),)
-        one = (lambda x: x) if self.layer is None else (lambda x: x[None])
 
         def put(buf, new, tail):
-            return jax.lax.dynamic_update_slice(
-                buf, one(new.astype(buf.dtype)), (*lead, o, i, *tail)
-            )
+            start = (o, i, *tail)
+            if self.layer is not None:  # a view: this layer's slab of the stacked buffer
+                new, start = new[None], (self.layer.astype(i.dtype), *start)
+            return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), start)
 
         return self.replace(
             k=put(self.k, k, (o, o)),

@@ -14,7 +14,7 @@ array is allocated and no weight file is read. The table:
 - FLOPs per step: counted from the step's jaxpr (`scale.flops`: scan bodies times their length,
   remat recomputation included; "model" = the same step with remat off) and XLA's compiled
   figure (which counts a scan body once, so it is low for scanned layers);
-- collective bytes per device from the compiled HLO (while-loop bodies times their known trip
+- collective bytes per device from the compiled HLO (while-loop bodies times their trip
   counts);
 - a roofline estimate: the step takes at least max(hardware FLOPs / peak, collective bytes /
   ICI bandwidth) per device; MFU = model FLOPs / (chips * peak * that time) is an upper bound.
@@ -38,10 +38,8 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
-from pretzel_jax.nn.sharding import logical_to_spec  # noqa: E402
 from pretzel_jax.scale import flops, topology  # noqa: E402
 from pretzel_jax.train.errors import ConfigError  # noqa: E402
 
@@ -123,17 +121,16 @@ class Report:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def _set(config: ConfigDict, path: str, value) -> bool:
+def _set(config: ConfigDict, path: str, value) -> None:
+    """config[path] = value where the config has that knob (models differ in what they have)."""
     *parents, leaf = path.split(".")
     node = config
     for p in parents:
         if p not in node or node[p] is None:
-            return False
+            return
         node = node[p]
-    if leaf not in node:
-        return False
-    node[leaf] = value
-    return True
+    if leaf in node:
+        node[leaf] = value
 
 
 def variant(config: ConfigDict, *, remat: str | None = None, unroll: bool = False) -> ConfigDict:
@@ -153,12 +150,12 @@ def variant(config: ConfigDict, *, remat: str | None = None, unroll: bool = Fals
 def abstract_batch(config: ConfigDict, mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
     """One global batch as the trainer places it (`train.step.shard_batch`), abstractly."""
     from pretzel_jax.data import batch_shapes
+    from pretzel_jax.train.step import batch_sharding
 
-    out = {}
-    for name, (shape, dtype) in batch_shapes(config.data).items():
-        spec = logical_to_spec(("batch",) + (None,) * (len(shape) - 1), rules, shape, mesh)
-        out[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
-    return out
+    return {
+        name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(shape, mesh, rules))
+        for name, (shape, dtype) in batch_shapes(config.data).items()
+    }
 
 
 def _device_bytes(tree) -> int:
@@ -192,7 +189,7 @@ _BYTES.update(u64=8, f64=8)
 
 def collective_bytes(hlo: str) -> dict[str, int]:
     """Bytes each collective kind outputs per device in one run of the module: per computation,
-    its collectives plus its callees' (while bodies times `known_trip_count`)."""
+    its collectives plus its callees' (while bodies times their trip counts)."""
     comps: dict[str, list[str]] = {}
     name, entry = None, None
     for line in hlo.splitlines():

@@ -10,6 +10,7 @@ as available to a program (from its RESOURCE_EXHAUSTED messages).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 
@@ -49,8 +50,16 @@ _SHAPES_3D = {
     2048: (8, 16, 16),
     4096: (16, 16, 16),
 }
-_SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16)}
-_SHAPES_2D[256] = (16, 16)
+_SHAPES_2D = {
+    1: (1, 1),
+    4: (2, 2),
+    8: (2, 4),
+    16: (4, 4),
+    32: (4, 8),
+    64: (8, 8),
+    128: (8, 16),
+    256: (16, 16),
+}
 
 
 class TopologyError(ValueError):
@@ -66,10 +75,7 @@ class Slice:
 
     @property
     def chips(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * self.num_slices
+        return math.prod(self.shape) * self.num_slices
 
 
 def parse(name: str, num_slices: int = 1) -> Slice:

@@ -29,6 +29,12 @@ EvalStep = Callable[[dict, Batch, Fixed, jax.Array], Metrics]
 STEP_METRICS = ("loss", "grad_norm", "lr", "skipped", "nonfinite_consecutive", "nonfinite_total")
 
 
+def batch_sharding(shape: tuple[int, ...], mesh: Mesh, rules: Rules) -> NamedSharding:
+    """How a global batch array of `shape` is placed: its first dim on the `batch` axis."""
+    spec = logical_to_spec(("batch",) + (None,) * (len(shape) - 1), rules, shape, mesh)
+    return NamedSharding(mesh, spec)
+
+
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> Batch:
     """Global arrays from this process's rows, sharded on the `batch` logical axis."""
     processes = jax.process_count()
@@ -36,8 +42,8 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> Ba
     def place(local: np.ndarray) -> jax.Array:
         local = np.asarray(local)
         shape = (local.shape[0] * processes, *local.shape[1:])
-        spec = logical_to_spec(("batch",) + (None,) * (local.ndim - 1), rules, shape, mesh)
-        return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, shape)
+        sharding = batch_sharding(shape, mesh, rules)
+        return jax.make_array_from_process_local_data(sharding, local, shape)
 
     return {name: place(value) for name, value in batch.items()}
 
