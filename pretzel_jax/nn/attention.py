@@ -139,21 +139,57 @@ def packed_mask(
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scale: float,
+    *,
+    causal: bool = False,
 ) -> jax.Array:
     """q (B,T,H,D), k/v (B,S,KVH,D), mask (B,T,S) -> (B,T,H,D). Softmax in fp32; a query whose
-    keys are all masked returns zeros rather than NaN."""
+    keys are all masked returns zeros rather than NaN.
+
+    `causal`: the caller guarantees that `mask` hides every key slot after its query's (T == S).
+    Queries then go in blocks (`causal_block`), each against the keys up to its last slot: the
+    blocks above the diagonal are never computed, and each block's scores stay small."""
     b, t, h, d = q.shape
     kvh = k.shape[2]
     q = q.reshape(b, t, kvh, h // kvh, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    block = causal_block(t) if causal and k.shape[1] == t else None
+    if block is None:
+        out = _attention(q, k, v, mask, scale)
+    else:
+        parts = []
+        for i in range(0, t, block):
+            end = i + block
+            parts.append(
+                _attention(q[:, i:end], k[:, :end], v[:, :end], mask[:, i:end, :end], scale)
+            )
+        out = jnp.concatenate(parts, axis=1)
     # NEG_INF is finite, so a query with no visible key gets the mean of v; zero it on the
     # (B,T) output rather than the (B,H,T,S) probabilities (a masked key's prob is exactly 0).
     seen = jnp.any(mask, axis=-1)[:, :, None, None, None]
     return jnp.where(seen, out, 0).reshape(b, t, h, d)
+
+
+def causal_block(length: int) -> int | None:
+    """Query block of causal self-attention over `length` slots: 128, else 64, whichever
+    divides it at least twice; None (one block) otherwise. On the 2-core CPU, blocks of 128 made
+    a width-256 flow's train step 1.9x faster at 1024 tokens and 1.1x at 256 (README)."""
+    for size in (128, 64):
+        if length % size == 0 and length >= 2 * size:
+            return size
+    return None
+
+
+def _attention(q, k, v, mask, scale):
+    """Grouped attention core: q (B,T,KVH,G,D), k/v (B,S,KVH,D) -> (B,T,KVH,G,D). Plain autodiff
+    (a custom VJP saved ~3% more but would refuse forward mode, which the log-det tests use)."""
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
 
 def decode_block(size: int, largest: int = 256) -> int | None:
@@ -251,7 +287,8 @@ class Attention(nnx.Module):
         causal: bool = True,
         scale: float | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """x (B, T, dim). Without a cache, `mask` (B, T, T) defaults to causal + kv_mask. With a
+        """x (B, T, dim). Without a cache, `mask` (B, T, T) defaults to causal + kv_mask; a mask
+        given with `causal` (the default) must hide every later slot (packed_mask does). With a
         cache, the T tokens are written at cache.index and attend to the cache (causal by slot);
         `kv_mask` (B, T) marks which of the new tokens are valid keys."""
         b, t, _ = x.shape
@@ -278,5 +315,5 @@ class Attention(nnx.Module):
         elif mask is None:
             slots = jnp.arange(t)
             mask = make_mask(slots, slots, causal=causal, kv_mask=new_valid)
-        out = dot_product_attention(q, k, v, mask, scale)
+        out = dot_product_attention(q, k, v, mask, scale, causal=causal and cache is None)
         return self.o(out.reshape(b, t, self.heads * self.head_dim)), cache

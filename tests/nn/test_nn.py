@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,12 +15,13 @@ from pretzel_jax.nn import (
     apply_rope,
     dot_product_attention,
     make_mask,
+    packed_mask,
     rope_1d,
     rope_angles,
     rope_mrope,
     rope_sectioned,
 )
-from pretzel_jax.nn.attention import cached_attention, decode_block
+from pretzel_jax.nn.attention import cached_attention, causal_block, decode_block
 from pretzel_jax.nn.sharding import DEFAULT_RULES, logical_to_spec
 
 CFG = TransformerConfig(dim=32, heads=4, head_dim=8, kv_heads=2, mlp_hidden=64)
@@ -194,6 +197,56 @@ def test_remat_and_unrolling_change_nothing_but_memory_and_speed(change):
     scale = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g1))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, atol=1e-6 * scale)
+
+
+def test_unrolled_stacks_fence_each_layers_cotangent():
+    """The unrolled backward gets one conditional per layer (the fence against XLA:CPU fusing
+    the whole residual chain into every consumer); the scanned one none."""
+    x = jax.random.normal(jax.random.key(1), (2, 6, 32))
+    for unroll, fences in ((True, 3), (False, 0)):
+        stack = LayerStack(
+            TransformerConfig(**{**CFG.__dict__, "unroll_layers": unroll}), 3, rngs=nnx.Rngs(0)
+        )
+        graphdef, state = nnx.split(stack)
+
+        def loss(state, x, graphdef=graphdef):
+            return jnp.sum(nnx.merge(graphdef, state)(x)[0] ** 2)
+
+        hlo = jax.jit(jax.grad(loss, (0, 1))).lower(state, x).compile().as_text()
+        assert hlo.count(" conditional(") == fences
+
+
+@pytest.mark.parametrize("length", [40, 192, 256])
+def test_causal_blocks_equal_full_matrix_attention(length):
+    """Blocked causal attention (key blocks above the diagonal skipped) equals full-matrix
+    attention, values and gradients, on packed rows with padding, a document boundary inside a
+    block and grouped heads."""
+    b, h, kvh, d = 2, 4, 2, 8
+    keys = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(keys[0], (b, length, h, d))
+    k = jax.random.normal(keys[1], (b, length, kvh, d))
+    v = jax.random.normal(keys[2], (b, length, kvh, d))
+    g = jax.random.normal(keys[3], (b, length, h, d))
+    cut = length // 2 + 5
+    seg = jnp.stack(
+        [
+            jnp.where(jnp.arange(length) < cut, 1, 2).at[-3:].set(0),
+            jnp.ones((length,), jnp.int32),
+        ]
+    )
+    mask = packed_mask(seg)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v) * g)
+
+    blocked = functools.partial(dot_product_attention, mask=mask, scale=0.3, causal=True)
+    plain = functools.partial(dot_product_attention, mask=mask, scale=0.3)
+    got = jax.jit(jax.value_and_grad(functools.partial(loss, blocked), (0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.value_and_grad(functools.partial(loss, plain), (0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(a, w, atol=2e-5 * float(jnp.abs(w).max()))
+    assert causal_block(length) == {40: None, 192: 64, 256: 128}[length]
 
 
 def test_every_parameter_has_logical_axes_known_to_the_rules():
