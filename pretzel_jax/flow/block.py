@@ -41,6 +41,7 @@ class DecodeSetup(NamedTuple):
     prefix: int  # context prefix length: step j sits at cache slot prefix + j
     batch: int  # B (the conditional half when guided)
     guided: bool  # CFG: the transformer batch is [cond; uncond]
+    layers: tuple  # the stack's unstacked() parameters, taken once for every step
 
 
 def _permute(x: jax.Array, kind: str) -> jax.Array:
@@ -271,7 +272,7 @@ class AFBlock(nnx.Module):
             noise = zp
         else:  # token 0 passes through unchanged
             first, noise = zp[:, 0], zp[:, 1:]
-        return DecodeSetup(zp, noise, first, cache, rope, lc, b, guided)
+        return DecodeSetup(zp, noise, first, cache, rope, lc, b, guided, self.layers.unstacked())
 
     def _decode_params(self, h, batch: int, guided: bool, guidance, guidance_rule: str):
         """Transformer output of decode steps -> (mu, sigma), fp32, CFG-mixed when guided (the
@@ -309,7 +310,7 @@ class AFBlock(nnx.Module):
             rope = tuple(jax.lax.dynamic_slice_in_dim(r, slot, k, axis=1) for r in rope)
         cache = cache.at(slot)
         h = self.proj_in(inputs.astype(jnp.dtype(self.cfg.compute_dtype)))
-        h, cache = self.layers(h, rope=rope, cache=cache)
+        h, cache = self.layers(h, rope=rope, cache=cache, layers=setup.layers)
         if setup.guided and guidance_rule == "product" and self.cfg.affine_impl == "pallas":
             a, mu = self._head(h)  # the CFG mix and the affine step in one kernel
             flat = lambda v: v.reshape(-1, v.shape[-1])  # noqa: E731  [cond; uncond] rows

@@ -134,6 +134,7 @@ def _prefill_and_decode(
     done = jnp.isin(tok, stop_tokens)
     out = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(tok)
     next_pos = positions[:, -1, :] + 1  # (B, 3): rows are left-padded, the last slot is real
+    layers = model.text.layers.unstacked()  # once, not at every step (LayerStack.unstacked)
 
     def cond(carry):
         step, _, _, done, _ = carry
@@ -143,7 +144,11 @@ def _prefill_and_decode(
         step, tok, cache, done, out = carry
         pos = (next_pos + step - 1)[:, None, :]
         h, cache = model.forward(
-            model.embed(tok[:, None]), pos, kv_mask=jnp.ones((batch, 1), bool), cache=cache
+            model.embed(tok[:, None]),
+            pos,
+            kv_mask=jnp.ones((batch, 1), bool),
+            cache=cache,
+            layers=layers,
         )
         new = sample(model.logits(h)[:, 0], jax.random.fold_in(key, step))
         new = jnp.where(done, pad_token_id, new)

@@ -78,6 +78,7 @@ class Qwen25VL(nnx.Module):
         segment_ids: jax.Array | None = None,
         branch_ids: jax.Array | None = None,
         return_layers: bool = False,
+        layers: tuple | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         return self.text(
             embeds,
@@ -87,6 +88,7 @@ class Qwen25VL(nnx.Module):
             segment_ids=segment_ids,
             branch_ids=branch_ids,
             return_layers=return_layers,
+            layers=layers,
         )
 
     def logits(self, hidden: jax.Array) -> jax.Array:

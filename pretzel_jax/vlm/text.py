@@ -134,6 +134,7 @@ class TextDecoder(nnx.Module):
         segment_ids: jax.Array | None = None,
         branch_ids: jax.Array | None = None,
         return_layers: bool = False,
+        layers: tuple | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """embeds (B, L, D); positions (B, L, 3) [t, h, w] (or (B, L): the same on all axes);
         kv_mask (B, L) marks real (non-pad) tokens. With a cache the L tokens are written at
@@ -141,7 +142,8 @@ class TextDecoder(nnx.Module):
         training only (no cache): a token attends only inside its own document (same id), and
         with `branch_ids` (B, L) (the layout's) only to branch 0 and its own branch.
         -> (final-normed hidden, cache); with `return_layers` also every layer's output
-        (num_layers, B, L, D), before the final norm (the Pretzel's `vlm_taps`)."""
+        (num_layers, B, L, D), before the final norm (the Pretzel's `vlm_taps`). `layers`: see
+        `LayerStack.__call__` (decode loops)."""
         cfg = self.cfg
         if positions.ndim == 2:
             positions = jnp.repeat(positions[..., None], 3, axis=-1)
@@ -158,7 +160,13 @@ class TextDecoder(nnx.Module):
                 raise ValueError("segment_ids are for packed training; decode without them")
             mask = packed_mask(segment_ids, branch_ids, kv_mask)
         out = self.layers(
-            x, rope=rope, mask=mask, kv_mask=kv_mask, cache=cache, collect=return_layers
+            x,
+            rope=rope,
+            mask=mask,
+            kv_mask=kv_mask,
+            cache=cache,
+            collect=return_layers,
+            layers=layers,
         )
         return (self.norm(out[0]), *out[1:])
 

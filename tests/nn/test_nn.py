@@ -95,7 +95,12 @@ def _filled_cache(size: int, index: int) -> KVCache:
     k = jax.random.normal(keys[0], (2, size, 2, 8))
     v = jax.random.normal(keys[1], (2, size, 2, 8))
     valid = (jax.random.uniform(keys[2], (2, size)) > 0.2) & (jnp.arange(size) < index)
-    return KVCache(k, v, valid, jnp.asarray(index, jnp.int32))
+    # KVCache keeps heads before slots; the reference attention takes slots first.
+    return KVCache(k.swapaxes(1, 2), v.swapaxes(1, 2), valid, jnp.asarray(index, jnp.int32))
+
+
+def _slots_major(cache: KVCache):
+    return cache.k.swapaxes(1, 2), cache.v.swapaxes(1, 2)
 
 
 def test_cached_attention_equals_the_whole_cache_and_reads_only_filled_blocks():
@@ -104,22 +109,22 @@ def test_cached_attention_equals_the_whole_cache_and_reads_only_filled_blocks():
     cache = _filled_cache(256, 150)  # blocks of 128: two hold keys
     slots = 147 + jnp.arange(3)
     whole = make_mask(slots, jnp.arange(256)) & cache.kv_mask[:, None, :]
-    ref = dot_product_attention(q, cache.k, cache.v, whole, 0.3)
+    ref = dot_product_attention(q, *_slots_major(cache), whole, 0.3)
     got = jax.jit(cached_attention, static_argnums=(3, 4))(q, cache, slots, 0.3, 128)
     np.testing.assert_allclose(got, ref, atol=2e-6)
     # A given mask replaces the causal rule; a query that sees no key gets zeros.
     mask = jax.random.uniform(jax.random.key(4), (2, 3, 256)) > 0.5
     mask = mask.at[1, 2].set(False)
-    ref = dot_product_attention(q, cache.k, cache.v, mask & cache.kv_mask[:, None, :], 0.3)
+    ref = dot_product_attention(q, *_slots_major(cache), mask & cache.kv_mask[:, None, :], 0.3)
     got = cached_attention(q, cache, slots, 0.3, 128, mask=mask)
     np.testing.assert_allclose(got, ref, atol=2e-6)
     np.testing.assert_array_equal(got[1, 2], 0.0)
     # Slots past the filled blocks are never read (NaN there would poison the whole-cache sum).
     cache = _filled_cache(256, 100)
-    cache = cache.replace(v=cache.v.at[:, 128:].set(jnp.nan))
+    cache = cache.replace(v=cache.v.at[:, :, 128:].set(jnp.nan))
     assert np.isfinite(cached_attention(q, cache, 97 + jnp.arange(3), 0.3, 128)).all()
     whole = make_mask(97 + jnp.arange(3), jnp.arange(256)) & cache.kv_mask[:, None, :]
-    assert not np.isfinite(dot_product_attention(q, cache.k, cache.v, whole, 0.3)).all()
+    assert not np.isfinite(dot_product_attention(q, *_slots_major(cache), whole, 0.3)).all()
 
 
 def test_rolled_back_cache_index_overwrites_a_failed_chunk():
