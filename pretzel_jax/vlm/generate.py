@@ -128,13 +128,13 @@ def _prefill_and_decode(
         top_p=top_p,
     )
     cache = model.init_cache(batch, cache_size, dtype=embeds.dtype)
-    hidden, cache = model.forward(embeds, positions, kv_mask=kv_mask, cache=cache)
+    layers = model.text.layers.unstacked()  # once, for prefill and every step (LayerStack)
+    hidden, cache = model.forward(embeds, positions, kv_mask=kv_mask, cache=cache, layers=layers)
     logits = model.logits(hidden[:, -1:])[:, 0]
     tok = sample(logits, jax.random.fold_in(key, 0))
     done = jnp.isin(tok, stop_tokens)
     out = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(tok)
     next_pos = positions[:, -1, :] + 1  # (B, 3): rows are left-padded, the last slot is real
-    layers = model.text.layers.unstacked()  # once, not at every step (LayerStack.unstacked)
 
     def cond(carry):
         step, _, _, done, _ = carry
