@@ -120,11 +120,12 @@ class AFBlock(nnx.Module):
         """A fixed-size KV cache (stacked over layers) for `hidden(..., cache=)`."""
         return self.layers.init_cache(batch, size, jnp.dtype(dtype or self.cfg.compute_dtype))
 
-    def hidden(self, h, *, rope=None, mask=None, kv_mask=None, cache=None):
+    def hidden(self, h, *, rope=None, mask=None, kv_mask=None, cache=None, layers=None):
         """Projected inputs (B, T, width) -> (final-normed hidden state y (B, T, width), cache).
         Without a cache `mask` (B, T, T) is the full attention mask (default causal + kv_mask);
-        with one, the T inputs are written at cache.index and attend to the cache (causal)."""
-        h, cache = self.layers(h, rope=rope, mask=mask, kv_mask=kv_mask, cache=cache)
+        with one, the T inputs are written at cache.index and attend to the cache (causal).
+        `layers`: `self.layers.unstacked()`, taken once before a decode loop."""
+        h, cache = self.layers(h, rope=rope, mask=mask, kv_mask=kv_mask, cache=cache, layers=layers)
         return self.normed(h), cache
 
     def head(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:

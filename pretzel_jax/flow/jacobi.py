@@ -47,6 +47,15 @@ entering it start from the initial guess. Every call accepts >= 1 slot, so at mo
 max_iters does not apply. A chunked window waits for its slowest slot, the sliding one does not:
 at a tight tol it needs far fewer calls for the same samples (benchmarks/flow_bench.py).
 
+When to use it: Jacobi is faster in wall time than the sequential decoder exactly when the calls
+it saves outweigh what a K-slot call costs more than a one-slot call, i.e. when
+M / (Jacobi calls) > t(K-slot call) / t(one-slot call). The left side depends on the model, tol
+and window (1.3x to 2.6x on the toy digits flow at K = 16), the right on the hardware: about 1
+on an H200, where the sliding window was 1.06x to 1.42x faster than sequential, but 4 to 7 on
+the 2-core CPU, where a 16-slot call is compute-bound and Jacobi ran 0.2x to 0.6x as fast
+(benchmarks/flow_bench.py --jacobi; README Benchmarks 4). So: sequential on CPUs; on
+accelerators the sliding window, with tol as loose as the samples allow.
+
 Everything is one `lax.scan` over chunks with a `lax.while_loop` inside (sliding: one
 `lax.while_loop`): chunk and max_iters are static; z, context, guidance and tol may be traced
 (no recompilation when they change).

@@ -144,13 +144,15 @@ class LayerStack(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         kw = dict(rope=rope, mask=mask, kv_mask=kv_mask)
         if layers is not None:
-            if cache is None or collect or len(layers) != self.num_layers:
-                raise ValueError("`layers` (unstacked()) is for cached decoding, without collect")
+            if cache is None or len(layers) != self.num_layers:
+                raise ValueError("`layers` (this stack's unstacked()) is for cached decoding")
+            hs = []
             for i, layer_state in enumerate(layers):
                 view = cache.replace(index=cache.index[i], layer=jnp.asarray(i))
                 x, view = nnx.merge(graphdef, layer_state)(x, cache=view, **kw)
                 cache = view.replace(index=cache.index.at[i].set(view.index), layer=None)
-            return x, cache
+                hs.append(x)
+            return (x, cache, jnp.stack(hs)) if collect else (x, cache)
         policy = REMAT_POLICIES[self.cfg.remat]
         unroll = self.cfg.unroll_layers
 

@@ -396,6 +396,10 @@ class Pretzel(nnx.Module):
             seen_image=jnp.zeros((batch,), bool),
         )
 
+    def unstacked(self) -> tuple[tuple, tuple]:
+        """Both streams' per-layer parameters for `step(..., layers=)` (LayerStack.unstacked)."""
+        return self.vlm.text.layers.unstacked(), self.deep.layers.unstacked()
+
     def step(
         self,
         tokens: jax.Array,
@@ -404,22 +408,34 @@ class Pretzel(nnx.Module):
         cache: PretzelCache,
         *,
         kv_mask: jax.Array | None = None,
+        layers: tuple | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array, PretzelCache]:
         """T positions (prefill or one step) through both streams with the joint cache.
 
         tokens (B, T) ids (latent slots hold the image token id); latents (B, T, C): u at the
         latent slots (ignored elsewhere); positions (B, T, 3) M-RoPE ids; kv_mask (B, T): valid
-        positions (False for left padding). -> (LM-head input (B, T, d_vlm), a, mu (B, T, C)
-        fp32, cache); logits = `logits(h)`."""
+        positions (False for left padding); layers: `unstacked()`, taken once before a decode
+        loop. -> (LM-head input (B, T, d_vlm), a, mu (B, T, C) fp32, cache); logits =
+        `logits(h)`."""
         b, t = tokens.shape
+        vlm_layers, deep_layers = layers or (None, None)
         is_latent, out = self._streams(
-            tokens, latents.astype(jnp.float32), positions, kv_mask=kv_mask, cache=cache.vlm
+            tokens,
+            latents.astype(jnp.float32),
+            positions,
+            kv_mask=kv_mask,
+            cache=cache.vlm,
+            layers=vlm_layers,
         )
         y, vlm_cache = out[0], out[1]
         layers = out[2] if len(out) > 2 else None
         h = self._deep_inputs(tokens, latents.astype(jnp.float32), is_latent, y, layers)
         y_d, deep_cache = self.deep.hidden(
-            h, rope=self.deep.rope(positions, b, t), kv_mask=kv_mask, cache=cache.deep
+            h,
+            rope=self.deep.rope(positions, b, t),
+            kv_mask=kv_mask,
+            cache=cache.deep,
+            layers=deep_layers,
         )
         a, mu = self.deep.head(y_d)
         seen = cache.seen_image[:, None] | (jnp.cumsum(is_latent, axis=1) > 0)

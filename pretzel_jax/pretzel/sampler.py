@@ -88,7 +88,7 @@ def pick_token(logits, key, temperature: float, top_k: int, top_p: float) -> jax
     return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
-def _reencode(model: Pretzel, closing, keys, index, hist, image, h, a, mu, cache):
+def _reencode(model: Pretzel, layers, closing, keys, index, hist, image, h, a, mu, cache):
     """The baseline's work at `<vision_end>`: the closing rows' image (u (B, L, C), first
     slot (B,)) -> pixels -> FAE encoder -> noise -> shallow blocks -> u', written over its
     slots; then every row's whole history re-prefilled into a fresh cache. -> the outputs at
@@ -108,7 +108,7 @@ def _reencode(model: Pretzel, closing, keys, index, hist, image, h, a, mu, cache
     hist = dict(hist, u=jax.vmap(lambda h_, i, v: h_.at[i].set(v))(hist["u"], at, new))
     fresh = model.init_cache(rows, hist["tok"].shape[1])
     h2, a2, mu2, fresh = model.step(
-        hist["tok"], hist["u"], hist["pos"], fresh, kv_mask=hist["mask"]
+        hist["tok"], hist["u"], hist["pos"], fresh, kv_mask=hist["mask"], layers=layers
     )
     fresh = fresh.at(index + 1)
     pick = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=index, slice_size=1, axis=1)
@@ -169,7 +169,8 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
         positions = jnp.concatenate([positions, jnp.zeros_like(positions)])
     rows = tokens.shape[0]
     cache = model.init_cache(rows, size)
-    h, a, mu, cache = model.step(tokens, u_seq, positions, cache, kv_mask=kv_mask)
+    layers = model.unstacked()  # once, for the prefill and every step
+    h, a, mu, cache = model.step(tokens, u_seq, positions, cache, kv_mask=kv_mask, layers=layers)
     p_next = positions[:b, -1, 0] + 1
     init = dict(
         cache=cache,
@@ -255,7 +256,12 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
             mask_r = jnp.concatenate([live, opening | latent])
         index = cache.index
         h, a, mu, cache = model.step(
-            feed_tok_r[:, None], u_r[:, None], pos_r[:, None], cache, kv_mask=mask_r[:, None]
+            feed_tok_r[:, None],
+            u_r[:, None],
+            pos_r[:, None],
+            cache,
+            kv_mask=mask_r[:, None],
+            layers=layers,
         )
         n = s["n"] + live
         r = jnp.arange(b)
@@ -273,7 +279,7 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
                 pos=hist["pos"].at[:, index].set(pos_r),
                 mask=hist["mask"].at[:, index].set(mask_r),
             )
-            redo = functools.partial(_reencode, model, closing, keys, index)
+            redo = functools.partial(_reencode, model, layers, closing, keys, index)
             image_u = out_u[r, slot]
             hist, h, a, mu, cache = jax.lax.cond(
                 jnp.any(closing),
@@ -349,7 +355,7 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
 
         def call(g, cache):
             feed = jnp.concatenate([g, g]) if guided else g
-            h, a, mu, cache = model.step(tok, feed, pos, cache, kv_mask=mask)
+            h, a, mu, cache = model.step(tok, feed, pos, cache, kv_mask=mask, layers=layers)
             mu_c, sigma_c = guide(a, mu)  # slot i -> latent j + i + 1
             nxt = mu_c[:, :-1] + sigma_c[:, :-1] * eps[:, 1:]
             nxt = jnp.concatenate([first[:, None], nxt], 1)
