@@ -36,7 +36,7 @@ class DecodeSetup(NamedTuple):
     zp: jax.Array  # (B, N, D) fp32 noise in the block's permuted order
     noise: jax.Array  # (B, M, D) noise of each decode step (M = N with SOS, N - 1 without)
     first: jax.Array  # (B, D) input token of step 0: SOS, or token 0 of the shift variant
-    cache: object  # stacked KVCache with the context prefix prefilled
+    cache: tuple  # one KVCache per layer (LayerStack.unstack_cache), context prefix prefilled
     rope: tuple[jax.Array, jax.Array] | None  # (cos, sin) for every cache slot
     prefix: int  # context prefix length: step j sits at cache slot prefix + j
     batch: int  # B (the conditional half when guided)
@@ -273,6 +273,7 @@ class AFBlock(nnx.Module):
             noise = zp
         else:  # token 0 passes through unchanged
             first, noise = zp[:, 0], zp[:, 1:]
+        cache = self.layers.unstack_cache(cache)
         return DecodeSetup(zp, noise, first, cache, rope, lc, b, guided, self.layers.unstacked())
 
     def _decode_params(self, h, batch: int, guided: bool, guidance, guidance_rule: str):
@@ -309,7 +310,7 @@ class AFBlock(nnx.Module):
         rope = setup.rope
         if rope is not None:
             rope = tuple(jax.lax.dynamic_slice_in_dim(r, slot, k, axis=1) for r in rope)
-        cache = cache.at(slot)
+        cache = tuple(c.at(slot) for c in cache)
         h = self.proj_in(inputs.astype(jnp.dtype(self.cfg.compute_dtype)))
         h, cache = self.layers(h, rope=rope, cache=cache, layers=setup.layers)
         if setup.guided and guidance_rule == "product" and self.cfg.affine_impl == "pallas":

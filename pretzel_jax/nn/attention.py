@@ -308,7 +308,9 @@ class Attention(nnx.Module):
         if cache is not None:
             q_slots = cache.index + jnp.arange(t)
             cache = cache.write(k, v, new_valid)
-            block = decode_block(cache.size)
+            # A view of a stacked cache is read in its filled blocks; a cache with buffers of its
+            # own (LayerStack.unstack_cache) is read whole, in place: no slice, so no copy.
+            block = decode_block(cache.size) if cache.layer is not None else cache.size
             if block is not None:
                 out = cached_attention(q, cache, q_slots, scale, block, causal=causal, mask=mask)
                 return self.o(out.reshape(b, t, self.heads * self.head_dim)), cache

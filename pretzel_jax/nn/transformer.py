@@ -127,6 +127,16 @@ class LayerStack(nnx.Module):
         _, state = nnx.split(self.layers)
         return tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.num_layers))
 
+    def unstack_cache(self, cache: KVCache) -> tuple[KVCache, ...]:
+        """A stacked cache as one cache per layer, each with buffers of its own, for
+        `__call__(..., layers=, cache=)`. Attention reads such a cache whole, in place, where it
+        reads a stacked one in filled blocks, each a copy on XLA:CPU: the better trade when the
+        capacity is about the sequence (the flow decoders')."""
+        return tuple(
+            jax.tree.map(lambda a, i=i: a[i], cache.replace(layer=None))
+            for i in range(self.num_layers)
+        )
+
     def __call__(
         self,
         x,
@@ -139,19 +149,26 @@ class LayerStack(nnx.Module):
         layers: tuple | None = None,
     ):
         """Runs every layer. `cache` is the stacked per-layer cache (from init_cache) or None.
-        `layers`: this stack's `unstacked()` parameters, run in a Python loop (decoding only).
+        `layers`: this stack's `unstacked()` parameters, run in a Python loop (decoding only);
+        `cache` is then stacked or `unstack_cache()`'s per-layer tuple, returned in kind.
         -> (x, cache), or with `collect` (x, cache, every layer's output stacked (layers, ...))."""
         graphdef, state = nnx.split(self.layers)
         kw = dict(rope=rope, mask=mask, kv_mask=kv_mask)
         if layers is not None:
             if cache is None or len(layers) != self.num_layers:
                 raise ValueError("`layers` (this stack's unstacked()) is for cached decoding")
-            hs = []
+            hs, own = [], isinstance(cache, tuple)
+            caches = list(cache) if own else []
             for i, layer_state in enumerate(layers):
-                view = cache.replace(index=cache.index[i], layer=jnp.asarray(i))
-                x, view = nnx.merge(graphdef, layer_state)(x, cache=view, **kw)
-                cache = view.replace(index=cache.index.at[i].set(view.index), layer=None)
+                layer = nnx.merge(graphdef, layer_state)
+                if own:
+                    x, caches[i] = layer(x, cache=caches[i], **kw)
+                else:
+                    view = cache.replace(index=cache.index[i], layer=jnp.asarray(i))
+                    x, view = layer(x, cache=view, **kw)
+                    cache = view.replace(index=cache.index.at[i].set(view.index), layer=None)
                 hs.append(x)
+            cache = tuple(caches) if own else cache
             return (x, cache, jnp.stack(hs)) if collect else (x, cache)
         policy = REMAT_POLICIES[self.cfg.remat]
         unroll = self.cfg.unroll_layers

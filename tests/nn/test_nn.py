@@ -71,15 +71,21 @@ def test_packed_documents_do_not_see_each_other():
     np.testing.assert_allclose(packed[:, 3:], alone, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["scan", "unstacked", "own caches"])
 @pytest.mark.parametrize("size", [16, 64], ids=["whole", "blocks"])  # 64: two 32-slot blocks
 @pytest.mark.parametrize("chunks", [(10,), (1,) * 10, (4, 1, 3, 2)])
-def test_cached_decoding_equals_full_forward(chunks, size):
+def test_cached_decoding_equals_full_forward(chunks, size, path):
+    """The scanned stack, its unstacked() layers over the stacked cache (read in blocks) and
+    over unstack_cache()'s per-layer caches (read whole) all decode what the full forward gives."""
     stack = LayerStack(CFG, 2, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 10, 32))
     cos, sin = _rope(2, 10)
     full, _ = stack(x, rope=(cos, sin))
     cache = stack.init_cache(2, size)
-    step = jax.jit(lambda h, r, c: stack(h, rope=r, cache=c))
+    layers = None if path == "scan" else stack.unstacked()
+    if path == "own caches":
+        cache = stack.unstack_cache(cache)
+    step = jax.jit(lambda h, r, c: stack(h, rope=r, cache=c, layers=layers))
     outs, start = [], 0
     for n in chunks:
         sl = slice(start, start + n)
@@ -87,7 +93,8 @@ def test_cached_decoding_equals_full_forward(chunks, size):
         outs.append(y)
         start += n
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
-    assert int(cache.index[0]) == 10
+    indices = [c.index for c in cache] if path == "own caches" else cache.index
+    np.testing.assert_array_equal(indices, [10, 10])
 
 
 def _filled_cache(size: int, index: int) -> KVCache:
