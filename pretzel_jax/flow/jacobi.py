@@ -51,8 +51,8 @@ When to use it: Jacobi is faster in wall time than the sequential decoder exactl
 it saves outweigh what a K-slot call costs more than a one-slot call, i.e. when
 M / (Jacobi calls) > t(K-slot call) / t(one-slot call). The left side depends on the model, tol
 and window (1.3x to 2.6x on the toy digits flow at K = 16), the right on the hardware: about 1
-on an H200, where the sliding window was 1.06x to 1.42x faster than sequential, but 4 to 7 on
-the 2-core CPU, where a 16-slot call is compute-bound and Jacobi ran 0.2x to 0.6x as fast
+on an H200, where the sliding window was 1.06x to 1.42x faster than sequential, but 4 to 10 on
+the 2-core CPU, where a 16-slot call is compute-bound and Jacobi ran 0.16x to 0.6x as fast
 (benchmarks/flow_bench.py --jacobi; README Benchmarks 4). So: sequential on CPUs; on
 accelerators the sliding window, with tol as loose as the samples allow.
 
