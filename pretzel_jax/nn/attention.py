@@ -180,7 +180,8 @@ def dot_product_attention(
 def causal_block(length: int) -> int | None:
     """Query block of causal self-attention over `length` slots: 128, else 64, whichever
     divides it at least twice; None (one block) otherwise. On the 2-core CPU, blocks of 128 made
-    a width-256 flow's train step 1.9x faster at 1024 tokens and 1.1x at 256 (README)."""
+    a width-256 flow's train step 2.1x faster at 1024 tokens and 1.35x at 256 (README,
+    Benchmarks 10)."""
     for size in (128, 64):
         if length % size == 0 and length >= 2 * size:
             return size
