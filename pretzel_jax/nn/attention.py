@@ -154,13 +154,17 @@ def dot_product_attention(
     """q (B,T,H,D), k/v (B,S,KVH,D), mask (B,T,S) -> (B,T,H,D). Softmax in fp32; a query whose
     keys are all masked returns zeros rather than NaN.
 
-    `causal`: the caller guarantees that `mask` hides every key slot after its query's (T == S).
-    Queries then go in blocks (`causal_block`), each against the keys up to its last slot: the
-    blocks above the diagonal are never computed, and each block's scores stay small."""
+    `causal` (self-attention, T == S): a query also sees no key after its own slot, whatever
+    `mask` allows. Queries then go in blocks (`causal_block`), each against the keys up to its
+    last slot: the blocks above the diagonal are never computed."""
     b, t, h, d = q.shape
     kvh = k.shape[2]
     q = q.reshape(b, t, kvh, h // kvh, d)
-    block = causal_block(t) if causal and k.shape[1] == t else None
+    if causal:
+        if k.shape[1] != t:
+            raise ValueError(f"causal attention is self-attention: {t} queries, {k.shape[1]} keys")
+        mask = mask & jnp.tril(jnp.ones((t, t), bool))
+    block = causal_block(t) if causal else None
     if block is None:
         out = _attention(q, k, v, mask, scale)
     else:
@@ -292,10 +296,11 @@ class Attention(nnx.Module):
         causal: bool = True,
         scale: float | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """x (B, T, dim). Without a cache, `mask` (B, T, T) defaults to causal + kv_mask; a mask
-        given with `causal` (the default) must hide every later slot (packed_mask does). With a
-        cache, the T tokens are written at cache.index and attend to the cache (causal by slot);
-        `kv_mask` (B, T) marks which of the new tokens are valid keys."""
+        """x (B, T, dim). Without a cache, `mask` (B, T, T) defaults to kv_mask, and `causal`
+        (the default) hides every later slot whatever `mask` allows. With a cache, the T tokens
+        are written at cache.index and attend to the cache (causal by slot, unless `mask`
+        (B, T, S) replaces that rule); `kv_mask` (B, T) marks which of the new tokens are valid
+        keys."""
         b, t, _ = x.shape
         q = self.q(x).reshape(b, t, self.heads, self.head_dim)
         k = self.k(x).reshape(b, t, self.kv_heads, self.head_dim)

@@ -230,9 +230,10 @@ def test_unrolled_stacks_fence_each_layers_cotangent():
 
 @pytest.mark.parametrize("length", [40, 192, 256])
 def test_causal_blocks_equal_full_matrix_attention(length):
-    """Blocked causal attention (key blocks above the diagonal skipped) equals full-matrix
-    attention, values and gradients, on packed rows with padding, a document boundary inside a
-    block and grouped heads."""
+    """Causal attention (in query blocks from 128 slots, key blocks above the diagonal skipped)
+    equals full-matrix attention under the causal packed mask, values and gradients, on rows
+    with padding, a document boundary inside a block and grouped heads, when it is given only
+    the documents' (non-causal) mask: `causal` adds the causal rule itself."""
     b, h, kvh, d = 2, 4, 2, 8
     keys = jax.random.split(jax.random.key(3), 4)
     q = jax.random.normal(keys[0], (b, length, h, d))
@@ -247,11 +248,20 @@ def test_causal_blocks_equal_full_matrix_attention(length):
         ]
     )
     mask = packed_mask(seg)
+    documents = make_mask(
+        jnp.arange(length),
+        jnp.arange(length),
+        causal=False,
+        q_segments=seg,
+        kv_segments=seg,
+        kv_mask=seg > 0,
+    )
+    assert not bool(jnp.all(documents == mask))
 
     def loss(fn, q, k, v):
         return jnp.sum(fn(q, k, v) * g)
 
-    blocked = functools.partial(dot_product_attention, mask=mask, scale=0.3, causal=True)
+    blocked = functools.partial(dot_product_attention, mask=documents, scale=0.3, causal=True)
     plain = functools.partial(dot_product_attention, mask=mask, scale=0.3)
     got = jax.jit(jax.value_and_grad(functools.partial(loss, blocked), (0, 1, 2)))(q, k, v)
     want = jax.jit(jax.value_and_grad(functools.partial(loss, plain), (0, 1, 2)))(q, k, v)
