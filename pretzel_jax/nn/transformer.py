@@ -70,6 +70,17 @@ def _fence_bwd(_, g):
 _gradient_fence.defvjp(_fence_fwd, _fence_bwd)
 
 
+def _per_layer(tree, num_layers: int) -> tuple:
+    """A tree stacked over layers (leading axis) as one tree per layer."""
+    return tuple(jax.tree.map(lambda a, i=i: a[i], tree) for i in range(num_layers))
+
+
+def _through_view(layer, h, stacked: KVCache, i, kw):
+    """Runs one layer on its view of the stacked cache (written in place) -> (h, stacked)."""
+    h, view = layer(h, cache=stacked.replace(index=stacked.index[i], layer=i), **kw)
+    return h, view.replace(index=stacked.index.at[i].set(view.index), layer=None)
+
+
 class TransformerLayer(nnx.Module):
     """x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -124,18 +135,14 @@ class LayerStack(nnx.Module):
         """Each layer's parameters as separate arrays, for `__call__(..., layers=)`. Take them
         once before a decode loop: inside one, XLA:CPU copies every layer's weights out of the
         stacked arrays at every step (22% of a width-256 flow's sampling time)."""
-        _, state = nnx.split(self.layers)
-        return tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.num_layers))
+        return _per_layer(nnx.split(self.layers)[1], self.num_layers)
 
     def unstack_cache(self, cache: KVCache) -> tuple[KVCache, ...]:
         """A stacked cache as one cache per layer, each with buffers of its own, for
         `__call__(..., layers=, cache=)`. Attention reads such a cache whole, in place, where it
         reads a stacked one in filled blocks, each a copy on XLA:CPU: the better trade when the
         capacity is about the sequence (the flow decoders')."""
-        return tuple(
-            jax.tree.map(lambda a, i=i: a[i], cache.replace(layer=None))
-            for i in range(self.num_layers)
-        )
+        return _per_layer(cache.replace(layer=None), self.num_layers)
 
     def __call__(
         self,
@@ -164,9 +171,7 @@ class LayerStack(nnx.Module):
                 if own:
                     x, caches[i] = layer(x, cache=caches[i], **kw)
                 else:
-                    view = cache.replace(index=cache.index[i], layer=jnp.asarray(i))
-                    x, view = layer(x, cache=view, **kw)
-                    cache = view.replace(index=cache.index.at[i].set(view.index), layer=None)
+                    x, cache = _through_view(layer, x, cache, jnp.asarray(i), kw)
                 hs.append(x)
             cache = tuple(caches) if own else cache
             return (x, cache, jnp.stack(hs)) if collect else (x, cache)
@@ -191,9 +196,7 @@ class LayerStack(nnx.Module):
         def cached_body(carry, xs):
             h, stacked = carry
             i, layer_state = xs
-            view = stacked.replace(index=stacked.index[i], layer=i)
-            h, view = nnx.merge(graphdef, layer_state)(h, cache=view, **kw)
-            stacked = view.replace(index=stacked.index.at[i].set(view.index), layer=None)
+            h, stacked = _through_view(nnx.merge(graphdef, layer_state), h, stacked, i, kw)
             return (h, stacked), h if collect else None
 
         steps = (jnp.arange(self.num_layers), state)
