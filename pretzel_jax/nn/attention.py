@@ -325,8 +325,8 @@ class Attention(nnx.Module):
             if mask is None:
                 mask = make_mask(q_slots, jnp.arange(cache.size), causal=causal)
             mask = mask & valid[:, None, :]
-        elif mask is None:
+        elif mask is None:  # dot_product_attention applies `causal`
             slots = jnp.arange(t)
-            mask = make_mask(slots, slots, causal=causal, kv_mask=new_valid)
+            mask = make_mask(slots, slots, causal=False, kv_mask=new_valid)
         out = dot_product_attention(q, k, v, mask, scale, causal=causal and cache is None)
         return self.o(out.reshape(b, t, self.heads * self.head_dim)), cache

@@ -428,8 +428,8 @@ class Pretzel(nnx.Module):
             layers=vlm_layers,
         )
         y, vlm_cache = out[0], out[1]
-        layers = out[2] if len(out) > 2 else None
-        h = self._deep_inputs(tokens, latents.astype(jnp.float32), is_latent, y, layers)
+        taps = out[2] if len(out) > 2 else None
+        h = self._deep_inputs(tokens, latents.astype(jnp.float32), is_latent, y, taps)
         y_d, deep_cache = self.deep.hidden(
             h,
             rope=self.deep.rope(positions, b, t),
