@@ -27,6 +27,10 @@ class PretzelConfig:
     vlm_grid_stride: int = 1
     sigma_a: float = 0.3  # noise augmentation of the (unit-std) FAE latents, given and generated
     adapter_hidden: int = 0  # visual adapter A's hidden width; 0 = the VLM width
+    # A reads the k x k window of latents ending at each one in raster order (its own and the
+    # k - 1 rows and columns above and to its left, zeros off the image): causal, so a sampled
+    # latent still enters the VLM without re-encoding. 1 = the latent alone (the paper's A).
+    adapter_window: int = 1
     # VLM layers that feed the flow: -1 = the final-normed hidden state (y_vlm, P_t and W_vlm);
     # others (0-based layer outputs) each through their own zero-init projection.
     vlm_taps: tuple[int, ...] = (-1,)
@@ -45,6 +49,11 @@ class PretzelConfig:
         n = self.vlm.text.num_layers
         _check(len(self.latent_grid) == 2 and min(self.latent_grid) > 0, "latent_grid", "(gh, gw)")
         _check(self.sigma_a >= 0, "sigma_a", "must be >= 0")
+        _check(
+            1 <= self.adapter_window <= min(self.latent_grid),
+            "adapter_window",
+            f"must be in [1, {min(self.latent_grid)}] (the latent grid's side)",
+        )
         _check(-1 in self.vlm_taps, "vlm_taps", "must hold -1 (the final hidden state)")
         _check(
             all(t == -1 or 0 <= t < n for t in self.vlm_taps)
@@ -79,6 +88,12 @@ class PretzelConfig:
     @property
     def latents_per_image(self) -> int:
         return self.latent_grid[0] * self.latent_grid[1]
+
+    @property
+    def adapter_history(self) -> int:
+        """Latent slots before a latent that its adapter window reaches back to."""
+        k = self.adapter_window
+        return (k - 1) * (self.latent_grid[1] + 1)
 
     @property
     def losses(self) -> tuple[bool, bool]:

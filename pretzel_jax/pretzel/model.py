@@ -3,7 +3,8 @@ under one causal mask and one KV cache (DESIGN.md section 3).
 
 Per position t of a packed row (the layout of `pretzel_jax.data.layout`):
 
-  VLM input     text token -> its embedding; latent slot -> A(u_t)       (A: zero-init adapter)
+  VLM input     text token -> its embedding; latent slot -> A(u_t)       (A: zero-init adapter;
+                with `adapter_window` k, A(the k x k window of u ending at t))
   VLM stream    frozen decoder, M-RoPE ids of the layout               -> y_vlm (final-normed)
   flow input    text -> P_t(y_vlm);  <vision_start> / latent slot -> P_v(u or SOS) + W_vlm(y_vlm)
   deep block    causal over the whole row (same mask, same ids)         -> y_D, (a, mu)
@@ -44,6 +45,9 @@ class PretzelCache:
     vlm: KVCache  # stacked over the VLM's layers
     deep: KVCache  # stacked over the deep block's layers
     seen_image: jax.Array  # (B,) bool: a latent was fed (w_d_scope="after_image")
+    # (B, adapter_history, C): the last slots' u (zeros at other tokens), what the adapter
+    # window of the next latents reaches back to.
+    recent_u: jax.Array
 
     @property
     def index(self) -> jax.Array:
@@ -87,7 +91,7 @@ class Pretzel(nnx.Module):
         self.deep = AFBlock(fcfg, fcfg.layers_per_block[-1], perms[-1], conditioned=True, rngs=rngs)
         hidden = cfg.adapter_hidden or d_vlm
         self.adapter = nnx.Dict(
-            hidden=Dense(c, hidden, axes=("latent", "mlp"), **kw),
+            hidden=Dense(c * cfg.adapter_window**2, hidden, axes=("latent", "mlp"), **kw),
             out=Dense(hidden, d_vlm, axes=("mlp", "embed"), **zeros, **kw),
         )
         self.w_vlm = Dense(d_vlm, width, axes=(None, "embed"), **zeros, **kw)
@@ -148,21 +152,48 @@ class Pretzel(nnx.Module):
     # -- the two streams, shared by training and decoding --------------------------------------
 
     def adapt(self, u: jax.Array) -> jax.Array:
-        """The visual adapter A: u (..., C) -> VLM input embeddings (..., d_vlm)."""
+        """The visual adapter A: u windows (..., k * k * C) (`adapter_windows`) -> VLM input
+        embeddings (..., d_vlm)."""
         h = jax.nn.gelu(self.adapter["hidden"](u))
         return self.adapter["out"](h)
 
-    def _vlm_embeds(self, tokens, u_seq, is_latent, native=None):
+    def adapter_windows(
+        self, u_seq: jax.Array, positions: jax.Array, recent: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """Each latent slot's k x k window of latents ending at it (`adapter_window`), read off
+        the sequence: an image's latents are consecutive slots in raster order, so the latent
+        dr rows and dc columns back is dr * gw + dc slots back, in this call or in `recent` (the
+        slots before it). u_seq (B, T, C), positions (B, T, 3) (latent (r, c) of an image at
+        (p, p + r, p + c)), recent (B, adapter_history, C) -> (windows (B, T, k * k * C), the
+        new `recent`)."""
+        k, gw, w = self.cfg.adapter_window, self.cfg.latent_grid[1], self.cfg.adapter_history
+        if k == 1:
+            return u_seq, recent
+        t = u_seq.shape[1]
+        ext = jnp.concatenate([recent.astype(u_seq.dtype), u_seq], axis=1)
+        row = (positions[..., 1] - positions[..., 0])[..., None]
+        col = (positions[..., 2] - positions[..., 0])[..., None]
+        parts = []
+        for dr in range(k):
+            for dc in range(k):
+                back = dr * gw + dc
+                inside = (row >= dr) & (col >= dc)
+                parts.append(jnp.where(inside, ext[:, w - back : w - back + t], 0.0))
+        return jnp.concatenate(parts, axis=-1), ext[:, ext.shape[1] - w :]
+
+    def _vlm_embeds(self, tokens, u_seq, is_latent, positions, recent, native=None):
+        """-> (VLM input embeddings, the new `recent_u`)."""
         if self.cfg.stage == 1:
             # Stage 1 freezes A at zero (checked at start), so nothing trainable reaches the VLM
             # stream: cut it from the backward pass (same gradients, 9% faster toy step).
             u_seq = jax.lax.stop_gradient(u_seq)
         x = self.vlm.text.embed_tokens(tokens)
-        vis = self.adapt(u_seq).astype(x.dtype)
+        windows, recent = self.adapter_windows(u_seq, positions, recent)
+        vis = self.adapt(windows).astype(x.dtype)
         if native is not None:  # understanding_input="native": the tower's features instead
             feats, use = native
             vis = jnp.where(use[..., None], feats.astype(x.dtype), vis)
-        return jnp.where(is_latent[..., None], vis, x)
+        return jnp.where(is_latent[..., None], vis, x), recent
 
     def _deep_inputs(self, tokens, u_seq, is_latent, y, layers):
         is_vs = tokens == self.cfg.vlm.vision_start_token_id
@@ -183,15 +214,18 @@ class Pretzel(nnx.Module):
         t = positions[..., :1]
         return jnp.where(is_latent[..., None], t + (positions - t) // stride, positions)
 
-    def _streams(self, tokens, u_seq, positions, *, native=None, **vlm_kw):
+    def _streams(self, tokens, u_seq, positions, *, recent=None, native=None, **vlm_kw):
         """The VLM stream over (B, T) positions (vlm_kw: kv_mask, cache, segment_ids,
-        branch_ids). -> (is_latent, (y_vlm, cache[, per-layer outputs when tapped]))."""
+        branch_ids; recent: the cache's `recent_u`, None for whole sequences). -> (is_latent,
+        (y_vlm, cache[, per-layer outputs when tapped]), the new `recent_u`)."""
         is_latent = tokens == self.cfg.vlm.image_token_id
-        embeds = self._vlm_embeds(tokens, u_seq, is_latent, native)
+        if recent is None:
+            recent = jnp.zeros((u_seq.shape[0], self.cfg.adapter_history, u_seq.shape[-1]))
+        embeds, recent = self._vlm_embeds(tokens, u_seq, is_latent, positions, recent, native)
         taps = any(t != -1 for t in self.cfg.vlm_taps)
         ids = self.vlm_positions(positions, is_latent)
         out = self.vlm.forward(embeds, ids, return_layers=taps, **vlm_kw)
-        return is_latent, out
+        return is_latent, out, recent
 
     def text_hidden(
         self, y_vlm: jax.Array, y_d: jax.Array | None, after_image: jax.Array | None = None
@@ -304,7 +338,7 @@ class Pretzel(nnx.Module):
         applies the head itself)."""
         b, s = tokens.shape
         kv_mask = segment_ids > 0
-        is_latent, out = self._streams(
+        is_latent, out, _ = self._streams(
             tokens,
             u_seq,
             positions,
@@ -394,6 +428,7 @@ class Pretzel(nnx.Module):
             vlm=self.vlm.init_cache(batch, size, tdt),
             deep=self.deep.init_cache(batch, size, dtype),
             seen_image=jnp.zeros((batch,), bool),
+            recent_u=jnp.zeros((batch, self.cfg.adapter_history, self.cfg.flow.token_dim)),
         )
 
     def unstacked(self) -> tuple[tuple, tuple]:
@@ -419,10 +454,11 @@ class Pretzel(nnx.Module):
         `logits(h)`."""
         b, t = tokens.shape
         vlm_layers, deep_layers = layers or (None, None)
-        is_latent, out = self._streams(
+        is_latent, out, recent = self._streams(
             tokens,
             latents.astype(jnp.float32),
             positions,
+            recent=cache.recent_u,
             kv_mask=kv_mask,
             cache=cache.vlm,
             layers=vlm_layers,
@@ -440,7 +476,8 @@ class Pretzel(nnx.Module):
         a, mu = self.deep.head(y_d)
         seen = cache.seen_image[:, None] | (jnp.cumsum(is_latent, axis=1) > 0)
         hidden = self.text_hidden(y, y_d, seen)
-        return hidden, a, mu, PretzelCache(vlm=vlm_cache, deep=deep_cache, seen_image=seen[:, -1])
+        new = PretzelCache(vlm=vlm_cache, deep=deep_cache, seen_image=seen[:, -1], recent_u=recent)
+        return hidden, a, mu, new
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.vlm.logits(hidden)

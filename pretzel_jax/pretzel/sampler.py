@@ -364,7 +364,9 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
 
         def iterate(st):
             i, g, _, _, _, _, cache = st
-            g_new, h, a, mu, cache = call(g, cache.at(start))  # the window's slots again
+            # the window's slots again, from the adapter's history before the window
+            again_from = cache.at(start).replace(recent_u=s["cache"].recent_u)
+            g_new, h, a, mu, cache = call(g, again_from)
             change = relative_change(g_new, g, jnp.ones((chunk,), bool))  # the worst row
             return i + 1, g_new, change, h, a, mu, cache
 

@@ -119,9 +119,11 @@ def _stream_outputs(model, tokens, u_seq, positions, seg, branch):
     return model.logits(out["hidden"]), out["a"], out["mu"]
 
 
-def test_causality_across_streams(tok, lay):
+@pytest.mark.parametrize("window", [1, 2])
+def test_causality_across_streams(tok, lay, window):
     batch = tiny.batch(lay, [[tiny.interleaved_doc(0)]])
-    model = tiny.model(tiny.config(tok, taps=(-1, 1)), randomize_zero_init=True)
+    cfg = tiny.config(tok, taps=(-1, 1), adapter_window=window)
+    model = tiny.model(cfg, randomize_zero_init=True)
     args = [jnp.asarray(batch[k]) for k in ("tokens", "positions", "segment_ids", "branch_ids")]
     tokens, positions, seg, branch = args
     s = tokens.shape[1]
@@ -165,14 +167,19 @@ def test_packed_row_equals_documents_alone(tok, lay):
     np.testing.assert_allclose(nll_p[0, :2], [nll_a[0, 0], nll_a[1, 0]], rtol=1e-5)
 
 
-@pytest.mark.parametrize("stride, scope", [(1, "all"), (2, "after_image")])
-def test_cached_decoding_equals_teacher_forced(tok, stride, scope):
+@pytest.mark.parametrize(
+    "stride, scope, window", [(1, "all", 1), (2, "after_image", 1), (1, "all", 2)]
+)
+def test_cached_decoding_equals_teacher_forced(tok, stride, scope, window):
     """Text, image, text, image, text in one row, fed one position at a time through the joint
     cache (after a 3-token prefill) against the teacher-forced forward; also with the VLM
-    stream on a 2x coarser grid and W_D only after an image."""
+    stream on a 2x coarser grid and W_D only after an image, and with the adapter reading 2x2
+    windows (the earlier latents of a window come from the cache's history)."""
     lay = tiny.layout(tok, vlm_grid_stride=stride)
     batch = tiny.batch(lay, [[tiny.interleaved_doc(0)]])
-    cfg = tiny.config(tok, taps=(-1, 0), vlm_grid_stride=stride, w_d_scope=scope)
+    cfg = tiny.config(
+        tok, taps=(-1, 0), vlm_grid_stride=stride, w_d_scope=scope, adapter_window=window
+    )
     model = tiny.model(cfg, randomize_zero_init=True)
     tokens = jnp.asarray(batch["tokens"])
     positions = jnp.asarray(batch["positions"])
@@ -202,6 +209,39 @@ def test_cached_decoding_equals_teacher_forced(tok, stride, scope):
         np.testing.assert_allclose(
             np.asarray(have[0]), np.asarray(want[0, :length]), atol=3e-5, rtol=3e-5
         )
+
+
+def test_adapter_windows_read_the_latents_above_and_left(tok, lay):
+    """Window 2: latent (r, c) of each image gets [u(r, c), u(r, c-1), u(r-1, c), u(r-1, c-1)],
+    zeros off its image's grid; other slots are not read. The same split over two calls (the
+    second continuing from the first's history) gives the same windows."""
+    batch = tiny.batch(lay, [[tiny.interleaved_doc(0)]])
+    model = tiny.model(tiny.config(tok, adapter_window=2))
+    tokens, positions = jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"])
+    is_latent = np.asarray(tokens[0] == model.cfg.vlm.image_token_id)
+    s, c = tokens.shape[1], tiny.CHANNELS
+    u = np.random.default_rng(1).normal(size=(1, s, c)).astype(np.float32) * is_latent[None, :, None]
+    history = jnp.zeros((1, model.cfg.adapter_history, c))
+    win, _ = model.adapter_windows(jnp.asarray(u), positions, history)
+    win = np.asarray(win)
+    gh, gw = tiny.GRID
+    slots = np.flatnonzero(is_latent).reshape(-1, gh, gw)
+    assert len(slots) == 2
+    for image in slots:
+        grid = u[0, image]  # (gh, gw, C)
+        for r in range(gh):
+            for col in range(gw):
+                want = [
+                    grid[r - dr, col - dc] if r >= dr and col >= dc else np.zeros(c)
+                    for dr in (0, 1)
+                    for dc in (0, 1)
+                ]
+                np.testing.assert_array_equal(win[0, image[r, col]], np.concatenate(want))
+    cut = int(slots[1, 1, 2])  # inside the second image, second row
+    first, history = model.adapter_windows(jnp.asarray(u[:, :cut]), positions[:, :cut], history)
+    second, _ = model.adapter_windows(jnp.asarray(u[:, cut:]), positions[:, cut:], history)
+    both = np.concatenate([np.asarray(first), np.asarray(second)], axis=1)
+    np.testing.assert_array_equal(both[0, is_latent], win[0, is_latent])
 
 
 def test_vlm_grid_stride_gives_the_vlm_its_own_grid(tok):

@@ -24,7 +24,10 @@ CFG = sampler.SampleConfig(
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tok = tiny.tokenizer(tmp_path_factory.mktemp("tok"))
-    cfg = tiny.config(tok, taps=(-1, 0), vlm_grid_stride=2, w_d_scope="after_image")
+    # Every coupling knob on: the adapter's 2x2 windows also need the cache's history of u.
+    cfg = tiny.config(
+        tok, taps=(-1, 0), vlm_grid_stride=2, w_d_scope="after_image", adapter_window=2
+    )
     model = tiny.model(cfg, randomize_zero_init=True)
     vs = cfg.vlm.vision_start_token_id
     lay = tiny.layout(tok, vlm_grid_stride=2)
