@@ -5,7 +5,9 @@
 
 Per run: its report.json numbers; training curves from metrics.jsonl (each step once: a resumed
 run's repeated rows keep the last); text-to-image samples per GenEval category with the judge's
-verdict under each image; VQA examples (FAE path and native path); the run folder's other PNGs.
+verdict under each image; VQA examples (FAE path and native path); edit success and story match
+from `tasks.json` (`python -m pretzel_jax.eval.pretzel_tasks`) when the run has one; the run
+folder's other PNGs.
 `--samples N` (Pretzel stages) also samples N interleaved stories and N edits of held-out
 records with `python -m pretzel_jax.sample`'s modes and shows them inline.
 """
@@ -27,6 +29,7 @@ from PIL import Image
 from pretzel_jax.eval import vlm_report
 from pretzel_jax.eval.image_grid import read_tiles
 from pretzel_jax.eval.pretzel_report import GRID_SCALE
+from pretzel_jax.eval.pretzel_tasks import FILE as TASKS_FILE
 from pretzel_jax.fae.model import to_uint8
 from pretzel_jax.sample.pretzel_modes import load_run, run_mode
 
@@ -147,6 +150,8 @@ def run_section(run: Path, samples: int = 0) -> str:
     if (run / "config.json").is_file():
         config = json.loads((run / "config.json").read_text())
     kind = config.get("model", {}).get("kind", "?")
+    if (run / TASKS_FILE).is_file():  # eval.pretzel_tasks: edit success, story match
+        report = {**report, **json.loads((run / TASKS_FILE).read_text())}
     scalars = {k: v for k, v in report.items() if isinstance(v, (int, float))}
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in scalars.items()

@@ -51,25 +51,19 @@ def load_run(run_dir: str | Path) -> tuple[Pretzel, Layout]:
     return model, make_layout(config.data)
 
 
-def run_mode(
-    model: Pretzel,
+def mode_prompt(
     layout: Layout,
     mode: str,
+    latents_per_image: int,
     *,
     text: str,
     image: np.ndarray | None = None,
-    key: jax.Array,
-    guidance: float = 2.0,
-    temperature: float = 0.0,
-    image_temperature: float = 1.0,
     max_new: int = 0,
     max_images: int = 2,
-    jacobi_chunk: int = 0,
-    jacobi_tol: float = 0.0,
-) -> dict:
-    """One prompt in `mode` -> dict(text, images (k, H, W, 3) float, tokens, reason).
-    jacobi_chunk / jacobi_tol: block-Jacobi image decoding (`SampleConfig`)."""
-    big_l = model.cfg.latents_per_image
+) -> tuple[tuple, dict]:
+    """One prompt of `mode` laid out as training lays its documents -> (the sampler's prompt,
+    the mode's `SampleConfig` fields: max_new, max_images, stop_tokens)."""
+    big_l = latents_per_image
     if mode in ("understand", "edit") and image is None:
         raise ValueError(f"mode {mode!r} needs an image")
     stop: tuple[int, ...] = ()
@@ -91,17 +85,49 @@ def run_mode(
         stop = (layout.im_end_id,)
     else:
         raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
-    cfg = SampleConfig(
-        max_new=max_new or max_images * (big_l + 2) + 64,
+    fields = dict(
+        max_new=max_new or max_images * (big_l + 2) + 64, max_images=max_images, stop_tokens=stop
+    )
+    return p, fields
+
+
+def run_mode(
+    model: Pretzel,
+    layout: Layout,
+    mode: str,
+    *,
+    text: str,
+    image: np.ndarray | None = None,
+    key: jax.Array,
+    guidance: float = 2.0,
+    temperature: float = 0.0,
+    image_temperature: float = 1.0,
+    max_new: int = 0,
+    max_images: int = 2,
+    jacobi_chunk: int = 0,
+    jacobi_tol: float = 0.0,
+) -> dict:
+    """One prompt in `mode` -> dict(text, images (k, H, W, 3) float, tokens, reason).
+    jacobi_chunk / jacobi_tol: block-Jacobi image decoding (`SampleConfig`)."""
+    p, fields = mode_prompt(
+        layout,
+        mode,
+        model.cfg.latents_per_image,
+        text=text,
+        image=image,
+        max_new=max_new,
         max_images=max_images,
-        stop_tokens=stop,
+    )
+    cfg = SampleConfig(
         temperature=temperature,
         image_temperature=image_temperature,
         guidance=guidance,
         jacobi_chunk=jacobi_chunk,
         jacobi_tol=jacobi_tol,
+        **fields,
     )
     (out,) = sample(model, [p], key, cfg, pad_id=layout.pad_id)
+    stop = fields["stop_tokens"]
     words = [t for t in out["tokens"] if t not in (layout.image_id, *stop)]
     out["text"] = layout.tokenizer.decode(words, skip_special_tokens=True)
     return out

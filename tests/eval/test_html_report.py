@@ -62,6 +62,7 @@ def _run_folder(tmp_path):
         "vqa_examples": {"fae": [{"question": "q?", "answer": "a", "truth": "b", "objects": 1}]},
     }
     (run / "report.json").write_text(json.dumps(rep))
+    (run / "tasks.json").write_text(json.dumps({"edit_success": 0.375}))
     rows = [{"step": s, "loss": 1.0 / s} for s in (10, 20, 30)] + [{"step": 20, "loss": 0.7}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     Image.fromarray(tiles[0]).save(run / "other.png")
@@ -71,7 +72,9 @@ def _run_folder(tmp_path):
 def test_report_page(tmp_path):
     run, tiles, verdicts = _run_folder(tmp_path)
     page = _Page()
-    page.feed(report.build([run]))
+    text = report.build([run])
+    assert "<td>edit_success</td><td>0.375</td>" in text  # tasks.json beside report.json
+    page.feed(text)
     decoded = [_decode(uri) for uri in page.images]  # every image inline and readable
     np.testing.assert_array_equal(np.stack(decoded[:6]), tiles)  # cut from the grid exactly
     assert len(decoded) == 7  # the six tiles, then the other PNG

@@ -220,7 +220,10 @@ def test_adapter_windows_read_the_latents_above_and_left(tok, lay):
     tokens, positions = jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"])
     is_latent = np.asarray(tokens[0] == model.cfg.vlm.image_token_id)
     s, c = tokens.shape[1], tiny.CHANNELS
-    u = np.random.default_rng(1).normal(size=(1, s, c)).astype(np.float32) * is_latent[None, :, None]
+    u = (
+        np.random.default_rng(1).normal(size=(1, s, c)).astype(np.float32)
+        * is_latent[None, :, None]
+    )
     history = jnp.zeros((1, model.cfg.adapter_history, c))
     win, _ = model.adapter_windows(jnp.asarray(u), positions, history)
     win = np.asarray(win)
