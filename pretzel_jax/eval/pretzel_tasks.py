@@ -1,6 +1,6 @@
 """Edit success and story match of a Pretzel stage on held-out shapes records, by the judge:
 
-    python -m pretzel_jax.eval.pretzel_tasks --run runs/shapes_stage3 [--n 32] [--guidance 2]
+    python -m pretzel_jax.eval.pretzel_tasks --run runs/shapes_stage3 [--n 32] [--guidance 8]
 
 - edit: source image + instruction -> one generated image. Success: the judge reads exactly the
   record's target scene (the instructed change and nothing else: every object's shape, colour,
@@ -106,7 +106,7 @@ def evaluate(
     run: Path,
     *,
     n: int = 32,
-    guidance: float = 2.0,
+    guidance: float = 8.0,
     max_images: int = 3,
     batch: int = 16,
     seed: int = 0,
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--run", required=True, type=Path)
     ap.add_argument("--n", type=int, default=32, help="held-out edit and story records each")
-    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--guidance", type=float, default=8.0, help="CFG scale (the reports')")
     ap.add_argument("--max_images", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
