@@ -12,13 +12,8 @@ Needs the stage-0 VLM (`runs/shapes_stage0_vlm/hf`) and the FAE after its featur
 (`runs/shapes_fae/fae.safetensors`); `python -m pretzel_jax.curriculum` runs every step in
 order. `:test` is a seconds-long smoke size (tests point its paths at tiny files).
 
-A/Bs (2026-12-07, 600-step runs of this file from the same stage-0 VLM and FAE, report bits/dim
-of the test latents / overall judge score): lr 1e-3 0.939 / 0.062, 2e-3 0.890 / 0.083, 4e-3
-0.862 / 0.052 (the judge is at its noise floor at 600 steps either way); four 1-layer shallow
-blocks instead of two 2-layer ones (lr 1e-3) 0.947 / 0.073. Stage 2 (1600 steps from the same
-stage-1 weights, VQA through the FAE path on the report's 300 questions, native 91.7%):
-`adapter_window` 1 67.7%, 2 78.3% (shape 54 -> 83%, position 50 -> 64%), 3 77.3%; window 2 with
-`adapter_hidden` 512 (the VLM width, 128, before) 85.7% (ratio 0.935), at the same 0.16 s/step.
+The lr, the shallow blocks, the adapter's window and width and the reports' CFG scale were picked
+by the A/Bs in the README (Results, "Pretzel curriculum, stages 1-3").
 """
 
 from pathlib import Path
@@ -73,14 +68,12 @@ def get_config(arg: str | None = None, stage: int = 1):
     p.fae_path = f"{FAE_RUN}/fae.safetensors"
     p.sigma_a = 0.3  # the FAE's decoder was trained on latents noised at this level
     # A reads 2x2 windows of latents (the VLM's own tower merges 2x2 patches) through 512 hidden
-    # units: built here, trained in stages 2 and 3 (A/B in the docstring).
+    # units: built here, trained in stages 2 and 3.
     p.adapter_window = 2
     p.adapter_hidden = 512
     c.optim.freeze = stage_freeze(stage)
-    c.optim.lr = 4e-3  # A/B in the docstring
-    # Text-to-image in the reports (stages 1 and 3) at CFG 8: the README's sweep on stage 1
-    # (overall judge score 0.094 at scales 0 and 2, 0.156 at 4, 0.188 at 8 and 12, 0.198 at 16).
-    p.report.guidance = 8.0
+    c.optim.lr = 4e-3
+    p.report.guidance = 8.0  # text-to-image in the reports of stages 1 and 3
     c.optim.warmup_steps = 100
     c.optim.min_lr = 1e-5
     c.optim.weight_decay = 0.01

@@ -25,8 +25,8 @@ def get_config(arg: str | None = None):
     c.data.vqa_branches = True
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 50
-    # 3000 steps at 0.16 s/step fit the curriculum's 60 minutes (README: 1600 steps with the 2x2
-    # windowed adapter gave FAE-path VQA 82.7%, and stage 3 took it to 81.7%, 0.891 of native)
+    # 3000 steps (0.16 s/step) fit the curriculum's 60 minutes; 1600 left stage 3's FAE-path VQA
+    # under 90% of native (README)
     c.train.steps = 3000
     c.train.ckpt_every = 500
     if arg == "test":
