@@ -27,7 +27,8 @@ LATENT_REG = 1e-4  # train.py's latent_norm_regularization, applied in the fixtu
 # samples within 1.6e-6. They are the largest float32 rounding errors seen; other XLA settings
 # (this suite's -O0 LLVM, another CPU) move them by up to 2x, hence the margin.
 MARGIN = 2.0
-FORWARD_REL = 6e-7 * MARGIN  # z, log-dets, block outputs and the losses built from them
+FORWARD_REL = 6e-7 * MARGIN  # z, total log-dets, block outputs and the losses built from them
+BLOCK_LOGDET_REL = 1e-6 * MARGIN  # one block's log-det (1.3e-6 on an AMD EPYC host, 2026-12-07)
 SAMPLE_ATOL = 1.6e-6 * MARGIN  # samples with and without CFG
 
 
@@ -60,7 +61,7 @@ def test_forward_matches_reference(ported):
     assert rel_err(out.logdet, io["logdet_sum"]) < FORWARD_REL
     for i, (h, ld) in enumerate(zip(out.block_outputs, out.block_logdets, strict=True)):
         assert rel_err(h, io[f"block_out_{i}"]) < FORWARD_REL, f"block {i}"
-        assert rel_err(ld, io[f"logdet_block_{i}"]) < FORWARD_REL, f"block {i}"
+        assert rel_err(ld, io[f"logdet_block_{i}"]) < BLOCK_LOGDET_REL, f"block {i}"
     dims = out.z.shape[1] * out.z.shape[2]
     assert rel_err(0.5 * jnp.mean(jnp.square(out.z)), io["loss_z"]) < FORWARD_REL
     assert rel_err(-out.logdet.mean() / dims, io["loss_logdet"]) < FORWARD_REL
