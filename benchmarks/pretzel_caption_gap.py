@@ -2,6 +2,8 @@
 rendered one-object scene under its true caption ("a red circle") against the same caption with
 the shape or the colour swapped, and against the empty prompt (CFG's unconditional branch).
 Each caption sees the same image with the same noise, so the differences are the model's alone.
+The scenes cycle through all 24 shape-colour pairs (the 4 held-out pairs included), one object
+on a white background, size alternating, cell random.
 
 A flow that reads the shape word must find the image much less likely under a wrong shape; the
 likelihood objective pays at most log 4 nats per object for learning that (the shape's entropy
