@@ -25,8 +25,8 @@ def get_config(arg: str | None = None):
     c.data.vqa_branches = True
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 50
-    # 3000 steps (0.16 s/step) fit the curriculum's 60 minutes; 1600 left stage 3's FAE-path VQA
-    # under 90% of native (README)
+    # 3000 steps (0.16 s/step): the curriculum took 49 minutes on the README table's host (not
+    # measured alone on a slower one); 1600 left stage 3's FAE-path VQA under 90% of native
     c.train.steps = 3000
     c.train.ckpt_every = 500
     if arg == "test":
