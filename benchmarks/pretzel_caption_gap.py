@@ -28,7 +28,15 @@ from flax import nnx
 
 from pretzel_jax.data.schema import Document, Segment
 from pretzel_jax.data.shapes.render import render
-from pretzel_jax.data.shapes.scene import COLORS, COLS, ROWS, SHAPES, ObjectSpec, SceneSpec
+from pretzel_jax.data.shapes.scene import (
+    BACKGROUNDS,
+    COLORS,
+    COLS,
+    ROWS,
+    SHAPES,
+    ObjectSpec,
+    SceneSpec,
+)
 from pretzel_jax.sample.pretzel_modes import load_run
 
 
@@ -66,7 +74,8 @@ def main() -> None:
         """Each latent's region (index into `regions`): the object is what differs from the
         white background; a latent covers its patch of image_size / grid pixels."""
         ph, pw = image.shape[0] // gh, image.shape[1] // gw
-        ink = (np.abs(image.astype(np.int32) - 245).max(-1) > 30).reshape(gh, ph, gw, pw)
+        white = np.asarray(BACKGROUNDS["white"][0], np.int32)
+        ink = (np.abs(image.astype(np.int32) - white).max(-1) > 30).reshape(gh, ph, gw, pw)
         covered = ink.any((1, 3)).reshape(-1)
         first = int(np.argmax(covered))
         first_row = np.arange(gh * gw) // gw == first // gw
