@@ -252,8 +252,9 @@ class Pretzel(nnx.Module):
         """Packed arrays of the layout -> per-position outputs and per-image likelihood terms.
 
         -> dict(`streams`' outputs, u_seq (B, S, C), z (B, S, C)
-        (latent slot t against (a, mu) of t - 1), image_logdet (B, I) total log|det dz/dx~|,
-        image_z2 (B, I), image_index (B, S))."""
+        (latent slot t against (a, mu) of t - 1), deep_nll (B, S) the deep block's NLL terms
+        of each latent slot in nats (0.5 z^2 + log sigma summed over channels, 0 elsewhere),
+        image_logdet (B, I) total log|det dz/dx~|, image_z2 (B, I), image_index (B, S))."""
         cfg = self.cfg
         tokens, positions = batch["tokens"], batch["positions"]
         seg, branch = batch["segment_ids"], batch["branch_ids"]
@@ -297,6 +298,7 @@ class Pretzel(nnx.Module):
         deep_logdet = -jnp.einsum("bs,bsi->bi", log_sigma, onehot)
         result.update(
             z=z,
+            deep_nll=0.5 * z2 + log_sigma,
             image_logdet=deep_logdet + shallow_logdet.reshape(b, n_img),
             image_z2=jnp.einsum("bs,bsi->bi", z2, onehot),
         )

@@ -111,6 +111,12 @@ def test_flow_stream_nll_equals_the_standalone_flows(tok, lay):
     z, deep_ld = model.deep.forward(u, context, None, positions)
     theirs = nll_per_dim(z, deep_ld + shallow_ld)[0]
     np.testing.assert_allclose(float(ours), float(theirs), rtol=2e-6)
+    # The per-slot deep terms: on the latent slots only, summing to the deep block's NLL.
+    slots = np.asarray(tokens == model.cfg.vlm.image_token_id)
+    per_slot = np.asarray(out["deep_nll"][0])
+    assert np.all(per_slot[~slots] == 0) and np.all(per_slot[slots] != 0)
+    deep_total = 0.5 * float(jnp.sum(jnp.square(z[0]))) - float(deep_ld[0])
+    np.testing.assert_allclose(per_slot.sum(), deep_total, rtol=2e-5)
     assert abs(float(ours) - float(nll_per_dim(x, jnp.zeros(1))[0])) > 1e-3
 
 
@@ -345,9 +351,10 @@ def test_pallas_affine_equals_xla_per_image(tok, lay):
 
         (value, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
         out = jax.jit(lambda s, g=graphdef: nnx.merge(g, s).forward(jb, None))(state)
-        results.append((value, out["image_logdet"], out["image_z2"], grads))
-    (v0, ld0, z0, g0), (v1, ld1, z1, g1) = results
+        results.append((value, out["image_logdet"], out["image_z2"], out["deep_nll"], grads))
+    (v0, ld0, z0, n0, g0), (v1, ld1, z1, n1, g1) = results
     np.testing.assert_allclose(np.asarray(ld1), np.asarray(ld0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(n1), np.asarray(n0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(z1), np.asarray(z0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
