@@ -173,6 +173,18 @@ def test_rope_is_relative():
         assert dots[0] == pytest.approx(dots[1], rel=1e-5)
 
 
+def test_rope_rotates_interleaved_pairs_or_half_split_pairs():
+    x = np.asarray(jax.random.normal(jax.random.key(2), (2, 3, 2, 8)))
+    cos, sin = (np.asarray(t) for t in _rope(2, 3, offset=5))
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    pairs = {True: (x[..., 0::2], x[..., 1::2]), False: (x[..., :4], x[..., 4:])}
+    for interleaved, (x1, x2) in pairs.items():
+        out = np.asarray(apply_rope(jnp.asarray(x), cos, sin, interleaved=interleaved))
+        o1, o2 = (out[..., 0::2], out[..., 1::2]) if interleaved else (out[..., :4], out[..., 4:])
+        np.testing.assert_allclose(o1, x1 * c - x2 * s, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(o2, x2 * c + x1 * s, rtol=1e-6, atol=1e-6)
+
+
 def test_mrope_with_equal_axes_is_1d_rope_and_sections_validate():
     freqs, axes = rope_mrope(16, (2, 3, 3))
     np.testing.assert_array_equal(axes, [0, 0, 1, 1, 1, 2, 2, 2])
