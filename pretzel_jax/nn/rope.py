@@ -58,15 +58,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, interleaved: boo
     x = x.astype(jnp.float32)
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     if interleaved:
-        # x * (c0, c0, c1, c1, ...) + (x1, x0, x3, x2, ...) * (-s0, s0, -s1, s1, ...): the same
-        # products and sums as rotating each pair, as one elementwise fusion. Strided slices
-        # and a stack cost XLA:CPU a concatenate forward and padded copies backward (4% of the
-        # toy stage-1 train step).
-        d = x.shape[-1]
-        c2 = jnp.repeat(c, 2, axis=-1)
-        s2 = jnp.stack([-s, s], axis=-1).reshape(*s.shape[:-1], d)
-        swapped = x.reshape(*x.shape[:-1], d // 2, 2)[..., ::-1].reshape(x.shape)
-        out = x * c2 + swapped * s2
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = jnp.stack([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(x.shape)
     else:
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
