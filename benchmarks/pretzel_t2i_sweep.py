@@ -3,11 +3,13 @@
 
     python benchmarks/pretzel_t2i_sweep.py --config experiments/shapes_stage1.py \
         --weights runs/shapes_stage1/pretzel.safetensors --guidance 0,1,2,3 --temperature 1,0.8 \
-        [--seeds 2]
+        [--seeds 2] [--negative contrast]
 
 Scores are means over `--seeds` samples of each prompt. A second table says how many objects the
 judge found against how many each prompt names (its queries' counts summed): the share of samples
 with exactly that many, with none, and the mean found per sample against the mean asked.
+`--negative contrast`: CFG against each prompt's `contrast_prompt` (its shapes and colours
+swapped, the same objects) instead of the empty prompt.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from pretzel_jax import models
 from pretzel_jax.data.pipeline import make_layout
-from pretzel_jax.data.shapes.grammar import geneval_prompts
+from pretzel_jax.data.shapes.grammar import contrast_prompt, geneval_prompts, prompt_text
 from pretzel_jax.data.shapes.scene import is_seen_combo
 from pretzel_jax.eval import shapes_judge
 from pretzel_jax.eval.pretzel_report import sample_images
@@ -36,6 +38,7 @@ def main() -> None:
     ap.add_argument("--per_category", type=int, default=16)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--negative", choices=("empty", "contrast"), default="empty")
     args = ap.parse_args()
     config = load_config(args.config, overrides=[f"model.pretzel.init_from={args.weights}"])
     setup = build_setup(config, make_mesh(config.mesh), models.build)
@@ -44,6 +47,10 @@ def main() -> None:
     layout = make_layout(config.data)
     judge = shapes_judge.load()
     prompts = geneval_prompts(np.random.default_rng(0), args.per_category, allowed=is_seen_combo)
+    negatives = None
+    if args.negative == "contrast":
+        rng = np.random.default_rng(1)
+        negatives = [prompt_text(contrast_prompt(p.spec, rng)) for p in prompts]
     categories = sorted({p.category for p in prompts})
     asked = np.array([sum(q.count for q in p.spec.objects) for p in prompts])
     in_category = {c: np.array([p.category == c for p in prompts]) for c in categories}
@@ -61,6 +68,7 @@ def main() -> None:
                     guidance=w,
                     batch_size=args.batch,
                     temperature=t,
+                    negatives=negatives,
                 )
                 scores.append(judge.score(images, prompts))
                 found.append([len(scene.objects) for scene in judge.parse(images)])

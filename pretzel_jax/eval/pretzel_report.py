@@ -48,14 +48,19 @@ def sample_images(
     guidance: float,
     batch_size: int,
     temperature: float = 1.0,
+    negatives: list[str] | None = None,
 ) -> np.ndarray:
     """Text-to-image samples of `texts` as uint8 (N, H, W, 3), `batch_size` prompts per call
-    (the last batch padded: one compiled shape)."""
+    (the last batch padded: one compiled shape); `negatives`: a negative prompt per text."""
     images = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
         real = len(chunk)
         chunk = chunk + [chunk[-1]] * (batch_size - real)
+        negative = None
+        if negatives is not None:
+            neg = negatives[start : start + batch_size]
+            negative = [layout.encode(t) for t in neg + [neg[-1]] * (batch_size - real)]
         gen = generate.t2i(
             model,
             [layout.encode(t) for t in chunk],
@@ -63,6 +68,7 @@ def sample_images(
             guidance=guidance,
             pad_id=layout.pad_id,
             temperature=temperature,
+            negative=negative,
         )
         images.append(np.asarray(to_uint8(gen["images"][:real])))
     return np.concatenate(images)

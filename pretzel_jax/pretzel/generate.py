@@ -1,7 +1,7 @@
 """The generation modes, each one call of the interleaved sampler (`pretzel.sampler`):
 
 - `t2i`: prompt -> one image (the prompt is closed with `<vision_start>`; CFG against the empty
-  prompt, training's caption dropout).
+  prompt, training's caption dropout, or against a negative prompt).
 - `answer`: a prompt holding images (through the FAE path) -> greedy text until a stop token.
 Interleaved text and images in one pass: `sampler.sample` itself.
 """
@@ -23,19 +23,23 @@ def t2i(
     guidance: float = 0.0,
     pad_id: int = 0,
     temperature: float = 1.0,
+    negative: list[list[int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Prompt token rows (text, without `<vision_start>`) -> dict(u, x (B, L, C) latents,
     images (B, H, W, 3) float in [0, 1] when the model has an FAE). `guidance` > 0 runs CFG
-    against the empty prompt. `temperature` scales the latent noise."""
+    against the empty prompt, or against `negative` (one token row per prompt, like them).
+    `temperature` scales the latent noise."""
     vs = model.cfg.vlm.vision_start_token_id
     rows = [(np.asarray([*p, vs], np.int32), text_positions(len(p) + 1), ()) for p in prompts]
+    if negative is not None:
+        negative = [np.asarray([*n, vs], np.int32) for n in negative]
     cfg = SampleConfig(
         max_new=model.cfg.latents_per_image + 1,
         max_images=1,
         image_temperature=temperature,
         guidance=guidance,
     )
-    out = sample(model, rows, key, cfg, pad_id=pad_id)
+    out = sample(model, rows, key, cfg, pad_id=pad_id, negative=negative)
     result = {k: np.stack([r[k][0] for r in out]) for k in ("u", "x")}
     if model.fae is not None:
         result["images"] = np.stack([r["images"][0] for r in out])

@@ -16,7 +16,8 @@ go one at a time, so a row's samples do not depend on the batch beyond that roun
 
 With guidance the batch is doubled: unconditional row i mirrors row i's images only. When row i
 opens an image, row B + i's cache is cleared and it sees `<vision_start>` and that image's latents
-at the ids of a caption-less document (training's caption dropout); between images it idles.
+at the ids of a caption-less document (training's caption dropout); between images it idles. In
+text-to-image, a negative prompt may take the caption-less document's place (`sample(negative=)`).
 
 Randomness is per row key and generated position (`position_key`, `context_key`), so a row
 samples the same in any batch. A row stops at a stop token, after `max_new` generated positions,
@@ -145,7 +146,9 @@ def _clear_rows(cache, rows: jax.Array):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv_mask, u_seq, key):
+def _sample(
+    graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv_mask, u_seq, key, neg=None
+):
     model: Pretzel = nnx.merge(graphdef, state)
     mc = model.cfg
     vs_id, ve_id, img_id = (
@@ -162,11 +165,20 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
     opens = tokens[:, -1] == vs_id  # prompts ending in <vision_start> open in image mode
     slots = max(cfg.max_images, 1)
 
-    if guided:  # unconditional rows: only an opening <vision_start>, at id 0
+    # The unconditional row's first latent id: after its own <vision_start>.
+    p0_u = jnp.ones((b,), jnp.int32)
+    if guided and neg is None:  # unconditional rows: only an opening <vision_start>, at id 0
         tokens = jnp.concatenate([tokens, tokens])
         u_seq = jnp.concatenate([u_seq, u_seq])
         kv_mask = jnp.concatenate([kv_mask, kv_mask.at[:, :-1].set(False) & opens[:, None]])
         positions = jnp.concatenate([positions, jnp.zeros_like(positions)])
+    elif guided:  # negative prompts (text ending in <vision_start>) as the unconditional rows
+        neg_tokens, neg_positions, neg_mask = neg
+        tokens = jnp.concatenate([tokens, neg_tokens])
+        u_seq = jnp.concatenate([u_seq, jnp.zeros_like(u_seq)])
+        kv_mask = jnp.concatenate([kv_mask, neg_mask])
+        positions = jnp.concatenate([positions, neg_positions])
+        p0_u = neg_positions[:, -1, 0] + 1
     rows = tokens.shape[0]
     cache = model.init_cache(rows, size)
     layers = model.unstacked()  # once, for the prefill and every step
@@ -249,7 +261,7 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
         feed_tok_r, u_r, pos_r, mask_r = feed_tok, u_feed, pos, live
         if guided:
             cache = _clear_rows(cache, jnp.concatenate([jnp.zeros((b,), bool), opening]))
-            pos_u = jnp.where(latent[:, None], 1 + grid[jj], 0)
+            pos_u = jnp.where(latent[:, None], p0_u[:, None] + grid[jj], 0)
             feed_tok_r = jnp.concatenate([feed_tok, feed_tok])
             u_r = jnp.concatenate([u_feed, u_feed])
             pos_r = jnp.concatenate([pos, pos_u])
@@ -349,7 +361,7 @@ def _sample(graphdef, cfg: SampleConfig, size: int, state, tokens, positions, kv
         tok = jnp.full((b, chunk), img_id, jnp.int32)
         mask = jnp.broadcast_to(latent[:, None], (b, chunk))
         if guided:
-            pos = jnp.concatenate([pos, 1 + ids])
+            pos = jnp.concatenate([pos, p0_u[:, None, None] + ids])
             tok, mask = jnp.concatenate([tok, tok]), jnp.concatenate([mask, mask])
         start = s["cache"].index
 
@@ -447,10 +459,12 @@ def _decode(graphdef, state, x):
     return nnx.merge(graphdef, state).decode(x)
 
 
-def right_align(rows: list[np.ndarray], positions: list[np.ndarray], pad_id: int, multiple=1):
+def right_align(
+    rows: list[np.ndarray], positions: list[np.ndarray], pad_id: int, multiple=1, longest=0
+):
     """Token rows (and their (n, 3) M-RoPE ids) -> (tokens, positions, kv_mask) right-aligned,
-    the length rounded up to `multiple` (fewer compiled shapes)."""
-    length = -(-max(len(r) for r in rows) // multiple) * multiple
+    the length (at least `longest`) rounded up to `multiple` (fewer compiled shapes)."""
+    length = -(-max(longest, *(len(r) for r in rows)) // multiple) * multiple
     b = len(rows)
     tokens = np.full((b, length), pad_id, np.int32)
     pos = np.zeros((b, length, 3), np.int32)
@@ -462,17 +476,34 @@ def right_align(rows: list[np.ndarray], positions: list[np.ndarray], pad_id: int
     return tokens, pos, mask
 
 
+def _check_negative(negative: list, prompts: list, cfg: SampleConfig, vs: int) -> None:
+    why = None
+    if cfg.guidance <= 0:
+        why = "it is CFG's unconditional row: set guidance > 0"
+    elif len(negative) != len(prompts):
+        why = f"give one per prompt ({len(prompts)}), got {len(negative)}"
+    elif cfg.max_images != 1 or cfg.reencode:
+        why = "it serves text-to-image only: max_images 1, no reencode"
+    elif any(len(p[0]) == 0 or p[0][-1] != vs or len(p[2]) for p in prompts):
+        why = "every prompt must be text ending in <vision_start> (text-to-image)"
+    elif any(len(r) == 0 or r[-1] != vs for r in negative):
+        why = "every negative prompt must end in <vision_start>, like its prompt"
+    if why:
+        raise ValueError(f"negative prompts: {why}")
+
+
 def text_positions(n: int, start: int = 0) -> np.ndarray:
     return np.repeat((start + np.arange(n))[:, None], 3, axis=1).astype(np.int32)
 
 
-def prompt_arrays(model: Pretzel, prompts: list, keys: jax.Array, pad_id: int):
+def prompt_arrays(model: Pretzel, prompts: list, keys: jax.Array, pad_id: int, longest=0):
     """Prompts (tokens (n,), positions (n, 3), images (k, H, W, 3) uint8 in the order of the
-    row's image slots) and row keys -> right-aligned (tokens, positions, kv_mask, u_seq): each
-    context image enters once, through the FAE path, noise-augmented as in training."""
+    row's image slots) and row keys -> right-aligned (tokens, positions, kv_mask, u_seq), at
+    least `longest` slots long: each context image enters once, through the FAE path,
+    noise-augmented as in training."""
     big_l = model.cfg.latents_per_image
     tokens, positions, mask = right_align(
-        [p[0] for p in prompts], [p[1] for p in prompts], pad_id, multiple=16
+        [p[0] for p in prompts], [p[1] for p in prompts], pad_id, multiple=16, longest=longest
     )
     images = [img for p in prompts for img in p[2]]
     u_seq = np.zeros((*tokens.shape, model.cfg.flow.token_dim), np.float32)
@@ -495,18 +526,36 @@ def prompt_arrays(model: Pretzel, prompts: list, keys: jax.Array, pad_id: int):
     return tokens, positions, mask, u_seq
 
 
-def sample(model: Pretzel, prompts: list, key: jax.Array, cfg: SampleConfig, *, pad_id: int):
+def sample(
+    model: Pretzel,
+    prompts: list,
+    key: jax.Array,
+    cfg: SampleConfig,
+    *,
+    pad_id: int,
+    negative: list[np.ndarray] | None = None,
+):
     """Prompts as `prompt_arrays` takes them (a prompt ending in `<vision_start>` opens an
     image) and one key, or one per prompt (a row samples the same in any batch) -> per row
     dict(tokens: the generated ids (`<vision_start>`, latent slots and `<vision_end>`
     included), reason (`STOP_REASONS`), u / x (k, L, C) and images (k, H, W, 3) float in
-    [0, 1] (with an FAE) of its k generated images)."""
+    [0, 1] (with an FAE) of its k generated images).
+
+    `negative` (text-to-image with CFG only: every prompt ends in `<vision_start>`,
+    `max_images` 1): one token row per prompt, text ending in `<vision_start>`, that takes the
+    empty prompt's place as CFG's unconditional row."""
     big_l = model.cfg.latents_per_image
     if cfg.max_new < 1:
         raise ValueError(f"SampleConfig.max_new must be >= 1, got {cfg.max_new}")
-    keys = row_keys(key, len(prompts))
-    tokens, positions, mask, u_seq = prompt_arrays(model, prompts, keys, pad_id)
     vs = model.cfg.vlm.vision_start_token_id
+    keys = row_keys(key, len(prompts))
+    neg, longest = None, 0
+    if negative is not None:  # right-aligned to the prompts' length
+        _check_negative(negative, prompts, cfg, vs)
+        longest = max(len(r) for r in [*negative, *(p[0] for p in prompts)])
+        ids = [text_positions(len(r)) for r in negative]
+        neg = right_align(list(negative), ids, pad_id, multiple=16, longest=longest)
+    tokens, positions, mask, u_seq = prompt_arrays(model, prompts, keys, pad_id, longest)
     if (tokens[:, -1] == vs).any() and (cfg.max_new < big_l + 1 or cfg.max_images < 1):
         raise ValueError(
             f"a prompt ends in <vision_start>: it needs max_new >= {big_l + 1} (the image and "
@@ -520,7 +569,7 @@ def sample(model: Pretzel, prompts: list, key: jax.Array, cfg: SampleConfig, *, 
         )
     size = tokens.shape[1] + cfg.max_new
     graphdef, state = nnx.split(model)
-    out = _sample(graphdef, cfg, size, state, tokens, positions, mask, u_seq, keys)
+    out = _sample(graphdef, cfg, size, state, tokens, positions, mask, u_seq, keys, neg)
     out = jax.tree.map(np.asarray, out)
     if out["overflowed"]:  # rows stop before the cache runs out: this would be a sampler bug
         raise RuntimeError(f"the sampler wrote past its {size}-slot cache")

@@ -1,6 +1,7 @@
 """Sample a trained Pretzel stage: writes PNGs and record.json into --out.
 
     python -m pretzel_jax.sample t2i --run runs/shapes_stage3 --text "a red circle" --out /tmp/s
+    python -m pretzel_jax.sample t2i --run RUN --text "a red circle" --negative "a blue square"
     python -m pretzel_jax.sample understand --run RUN --image a.png --text "what shape is it?"
     python -m pretzel_jax.sample interleave --run RUN --text "a blue square." --max_images 2
     python -m pretzel_jax.sample edit --run RUN --image a.png --text "make the square red"
@@ -42,7 +43,12 @@ def main(argv: list[str] | None = None) -> None:
         "--jacobi_chunk", type=int, default=0, help="block-Jacobi latents per call; 0 = one by one"
     )
     ap.add_argument("--jacobi_tol", type=float, default=0.0, help="0 = the sequential latents")
+    ap.add_argument(
+        "--negative", help="t2i: a caption CFG guides away from (default: the empty one)"
+    )
     args = ap.parse_args(argv)
+    if args.negative is not None and args.mode != "t2i":
+        sys.exit(f"error: --negative applies to mode t2i, not {args.mode}")
     try:
         image = None
         if args.image:
@@ -70,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             max_images=args.max_images,
             jacobi_chunk=args.jacobi_chunk,
             jacobi_tol=args.jacobi_tol,
+            negative=args.negative,
         )
         files = []
         for k, img in enumerate(res.get("images", [])):

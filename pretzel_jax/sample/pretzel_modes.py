@@ -106,9 +106,13 @@ def run_mode(
     max_images: int = 2,
     jacobi_chunk: int = 0,
     jacobi_tol: float = 0.0,
+    negative: str | None = None,
 ) -> dict:
     """One prompt in `mode` -> dict(text, images (k, H, W, 3) float, tokens, reason).
-    jacobi_chunk / jacobi_tol: block-Jacobi image decoding (`SampleConfig`)."""
+    jacobi_chunk / jacobi_tol: block-Jacobi image decoding (`SampleConfig`). `negative` (t2i):
+    a caption CFG guides away from, in the empty prompt's place."""
+    if negative is not None and mode != "t2i":
+        raise ValueError(f"a negative prompt applies to mode 't2i', not {mode!r}")
     p, fields = mode_prompt(
         layout,
         mode,
@@ -126,7 +130,10 @@ def run_mode(
         jacobi_tol=jacobi_tol,
         **fields,
     )
-    (out,) = sample(model, [p], key, cfg, pad_id=layout.pad_id)
+    neg = None
+    if negative is not None:
+        neg = [layout.prompt([Segment.of_text(negative)], open_image=True)[0]]
+    (out,) = sample(model, [p], key, cfg, pad_id=layout.pad_id, negative=neg)
     stop = fields["stop_tokens"]
     words = [t for t in out["tokens"] if t not in (layout.image_id, *stop)]
     out["text"] = layout.tokenizer.decode(words, skip_special_tokens=True)

@@ -13,6 +13,7 @@ from pretzel_jax.data.shapes.grammar import (
     ObjectQuery,
     PromptSpec,
     Relation,
+    contrast_prompt,
     geneval_category,
     geneval_prompts,
     parse_caption,
@@ -136,6 +137,30 @@ def test_geneval_prompts_have_their_category_and_are_satisfiable():
     }
     for text, category in examples.items():
         assert geneval_category(parse_caption(text)) == category, text
+
+
+def test_contrast_prompts_swap_every_shape_and_colour_and_keep_the_rest():
+    rng = np.random.default_rng(5)
+    for p in geneval_prompts(np.random.default_rng(6), 10):
+        c = contrast_prompt(p.spec, rng)
+        assert parse_caption(prompt_text(c)) == c and geneval_category(c) == p.category
+        assert c.relations == p.spec.relations
+        named = {q.shape for q in p.spec.objects} | {q.color for q in p.spec.objects}
+        for q, r in zip(p.spec.objects, c.objects, strict=True):
+            assert (r.count, r.exact, r.size, r.row, r.col) == (
+                q.count,
+                q.exact,
+                q.size,
+                q.row,
+                q.col,
+            )
+            assert r.shape not in named and (r.color is None) == (q.color is None)
+            assert r.color is None or r.color not in named
+    same = PromptSpec(
+        (ObjectQuery("circle", "red"), ObjectQuery("circle", "red", count=2, exact=True))
+    )
+    c = contrast_prompt(same, rng)  # one name, one replacement
+    assert c.objects[0].shape == c.objects[1].shape and c.objects[0].color == c.objects[1].color
 
 
 def test_geneval_prompts_respect_allowed_combos():

@@ -47,8 +47,9 @@ def _text(tok, text, vs):
     return np.asarray(ids, np.int32), sampler.text_positions(len(ids)), np.zeros((0, 4, 4, 3))
 
 
-def _slow(model, prompt, row_key, cfg, size):
-    """One row, the whole sequence through `Pretzel.streams` at every step."""
+def _slow(model, prompt, row_key, cfg, size, negative=None):
+    """One row, the whole sequence through `Pretzel.streams` at every step; CFG's unconditional
+    row is `<vision_start>` alone at id 0, or the `negative` tokens (ending in it) at 0, 1, ..."""
     mc = model.cfg
     vs, ve, img = (
         mc.vlm.vision_start_token_id,
@@ -80,7 +81,12 @@ def _slow(model, prompt, row_key, cfg, size):
     gen, latents, n, reason = [], [], 0, "max_new"
     image = tokens[-1] == vs
     p = pos[-1][0] + 1
-    p0, j, uncond = p, 0, ([vs], [[0, 0, 0]], [u[0] * 0])
+    opening = [vs] if negative is None else [int(t) for t in negative]
+
+    def fresh_uncond():
+        return list(opening), [[i] * 3 for i in range(len(opening))], [u[0] * 0] * len(opening)
+
+    p0, j, uncond, q0 = p, 0, fresh_uncond(), len(opening)  # q0: its first latent's id
     if image:
         latents.append([])
     while n < cfg.max_new:
@@ -105,7 +111,7 @@ def _slow(model, prompt, row_key, cfg, size):
             if tok == vs:
                 image, p0, j = True, p + 1, 0
                 latents.append([])
-                uncond = ([vs], [[0, 0, 0]], [u[0] * 0])
+                uncond = fresh_uncond()
             p += 1
         elif j < L:
             sigma = model.deep.sigma(a)
@@ -116,7 +122,7 @@ def _slow(model, prompt, row_key, cfg, size):
             v = np.asarray(mu + sigma * cfg.image_temperature * eps)
             r, c = divmod(j, gw)
             tokens.append(img), pos.append([p0, p0 + r, p0 + c]), u.append(v), gen.append(img)
-            uncond[0].append(img), uncond[1].append([1, 1 + r, 1 + c]), uncond[2].append(v)
+            uncond[0].append(img), uncond[1].append([q0, q0 + r, q0 + c]), uncond[2].append(v)
             latents[-1].append(v)
             j, n = j + 1, n + 1
         else:
@@ -163,6 +169,37 @@ def test_mixed_mode_batch_equals_rows_alone_and_cfg_scale_0(setup):
         np.testing.assert_allclose(x["u"], y["u"], atol=1e-5)
     # The guided first image of row 1 (its prompt opens it) differs from the conditional one.
     assert np.abs(a[1]["u"][0] - batch[1]["u"][0]).max() > 1e-3
+
+
+def test_negative_prompts_take_the_empty_prompts_place(setup):
+    """Text-to-image with a negative prompt as CFG's unconditional row equals the slow loop run
+    with that row; an empty negative prompt is the default CFG; misuse is one clear error."""
+    tok, model, prompts, pad = setup
+    vs = model.cfg.vlm.vision_start_token_id
+    t2i = [prompts[1], prompts[3]]  # text ending in <vision_start>
+    negative = [np.asarray([*tok.encode("two blue square").ids, vs], np.int32), np.asarray([vs])]
+    cfg = sampler.SampleConfig(max_new=L + 1, guidance=1.5)
+    key = jax.random.key(3)
+    out = sampler.sample(model, t2i, key, cfg, pad_id=pad, negative=negative)
+    size = max(len(p[0]) for p in t2i) + cfg.max_new
+    for i, row_key in enumerate(sampler.row_keys(key, 2)):
+        _, _, latents = _slow(model, t2i[i], row_key, cfg, size, negative=negative[i])
+        np.testing.assert_allclose(out[i]["u"], latents.reshape(out[i]["u"].shape), atol=1e-4)
+    default = sampler.sample(model, t2i, key, cfg, pad_id=pad)
+    np.testing.assert_allclose(out[1]["u"], default[1]["u"], atol=1e-6)
+    assert np.abs(out[0]["u"] - default[0]["u"]).max() > 1e-3
+    misuse = [
+        (dict(cfg=sampler.SampleConfig(max_new=L + 1)), "guidance > 0"),
+        (dict(negative=negative[:1]), "one per prompt"),
+        (dict(prompts=[prompts[2], prompts[3]]), "ending in <vision_start>"),
+        (dict(negative=[negative[0][:-1], negative[1]]), "must end in <vision_start>"),
+    ]
+    for change, message in misuse:
+        kw = dict(prompts=t2i, cfg=cfg, negative=negative) | change
+        with pytest.raises(ValueError, match=message):
+            sampler.sample(
+                model, kw["prompts"], key, kw["cfg"], pad_id=pad, negative=kw["negative"]
+            )
 
 
 def test_generated_images_are_never_re_encoded(setup, monkeypatch):

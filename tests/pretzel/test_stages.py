@@ -113,9 +113,11 @@ def _sample_cli(run: Path, out: Path) -> None:
     from pretzel_jax.sample.pretzel_modes import load_run, run_mode
 
     texts = ["--text", "a red circle", "--text", "two"]
-    sample(["t2i", "--run", str(run), *texts, "--out", str(out), "--jacobi_chunk", "16"])
+    negative = ["--negative", "a blue square"]  # CFG away from it, not the empty prompt
+    sample(["t2i", "--run", str(run), *texts, "--out", str(out), "--jacobi_chunk", "16", *negative])
     record = json.loads((out / "record.json").read_text())
     assert all(0 < s["jacobi_calls"] <= 64 for s in record["samples"])  # Jacobi decoded them
+    assert record["negative"] == "a blue square"
     assert [s["prompt"] for s in record["samples"]] == ["a red circle", "two"]
     for s in record["samples"]:
         assert len(s["images"]) == 1 and Image.open(out / s["images"][0]).size == (32, 32)
@@ -131,6 +133,8 @@ def _sample_cli(run: Path, out: Path) -> None:
         assert n_images is None or len(res["u"]) == n_images, (mode, res["reason"])
     with pytest.raises(SystemExit, match="config.json is missing"):
         sample(["t2i", "--run", str(out), "--text", "a"])
+    with pytest.raises(SystemExit, match="applies to mode t2i"):
+        sample(["reason", "--run", str(run), "--text", "a", *negative])
 
 
 def test_stage_rules_and_bad_inputs_fail_at_start(files, tmp_path, capsys):

@@ -12,7 +12,8 @@ grid position and count) joined by "and", or two queries joined by a relation:
 == p`), and `PromptSpec.satisfied_by(scene)` is the check a GenEval-style judge applies: each query
 matches exactly `count` objects (numerals: "two blue squares") or at least one ("a"/"an"), and each
 relation holds for some pair of matching objects. `scene_captions` writes several true captions per
-scene; `geneval_prompts` draws prompts in GenEval's six categories.
+scene; `geneval_prompts` draws prompts in GenEval's six categories; `contrast_prompt` swaps a
+prompt's shapes and colours (a negative prompt for CFG).
 """
 
 from __future__ import annotations
@@ -457,6 +458,29 @@ def geneval_prompts(
 ) -> list[Prompt]:
     """`n` random prompts per category, category by category (see `geneval_prompt`)."""
     return [geneval_prompt(rng, c, allowed) for c in categories for _ in range(n)]
+
+
+def contrast_prompt(prompt: PromptSpec, rng: np.random.Generator) -> PromptSpec:
+    """`prompt` with every shape and every named colour replaced by others: the same counts,
+    sizes, places and relations. Replacements avoid what the prompt names while the family has
+    unnamed values left, so "a circle and a square" never becomes "a square and a circle".
+    (A negative prompt for CFG that asks for as many objects as `prompt`.)"""
+
+    def swaps(named: list[str], family: Sequence[str]) -> dict[str, str]:
+        unused = [str(v) for v in rng.permutation(family) if v not in named]
+        out = {}
+        for v in dict.fromkeys(named):
+            others = unused or [w for w in family if w != v]
+            out[v] = others.pop(0) if others is unused else _pick(rng, others)
+        return out
+
+    shapes = swaps([q.shape for q in prompt.objects], SHAPES)
+    colors = swaps([q.color for q in prompt.objects if q.color], tuple(COLORS))
+    queries = tuple(
+        dataclasses.replace(q, shape=shapes[q.shape], color=colors.get(q.color))
+        for q in prompt.objects
+    )
+    return PromptSpec(queries, prompt.relations)
 
 
 def scene_for_prompt(
