@@ -470,8 +470,7 @@ def contrast_prompt(prompt: PromptSpec, rng: np.random.Generator) -> PromptSpec:
         unused = [str(v) for v in rng.permutation(family) if v not in named]
         out = {}
         for v in dict.fromkeys(named):
-            others = unused or [w for w in family if w != v]
-            out[v] = others.pop(0) if others is unused else _pick(rng, others)
+            out[v] = unused.pop(0) if unused else _pick(rng, [w for w in family if w != v])
         return out
 
     shapes = swaps([q.shape for q in prompt.objects], SHAPES)
