@@ -111,8 +111,6 @@ def run_mode(
     """One prompt in `mode` -> dict(text, images (k, H, W, 3) float, tokens, reason).
     jacobi_chunk / jacobi_tol: block-Jacobi image decoding (`SampleConfig`). `negative` (t2i):
     a caption CFG guides away from, in the empty prompt's place."""
-    if negative is not None and mode != "t2i":
-        raise ValueError(f"a negative prompt applies to mode 't2i', not {mode!r}")
     p, fields = mode_prompt(
         layout,
         mode,
