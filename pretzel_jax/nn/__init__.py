@@ -8,7 +8,7 @@ from pretzel_jax.nn.attention import (
     make_mask,
     packed_mask,
 )
-from pretzel_jax.nn.layers import MLP, Dense, LayerNorm, RMSNorm, make_norm
+from pretzel_jax.nn.layers import MLP, Dense, LayerNorm, RMSNorm, gelu, make_norm
 from pretzel_jax.nn.rope import apply_rope, rope_1d, rope_angles, rope_mrope, rope_sectioned
 from pretzel_jax.nn.transformer import (
     REMAT_POLICIES,
@@ -28,6 +28,7 @@ __all__ = [
     "RMSNorm",
     "TransformerConfig",
     "TransformerLayer",
+    "gelu",
     "apply_rope",
     "dot_product_attention",
     "make_mask",

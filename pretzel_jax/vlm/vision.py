@@ -25,7 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pretzel_jax.nn import MLP, Dense, RMSNorm, apply_rope, dot_product_attention, make_mask
+from pretzel_jax.nn import (
+    MLP,
+    Dense,
+    RMSNorm,
+    apply_rope,
+    dot_product_attention,
+    gelu,
+    make_mask,
+)
 from pretzel_jax.nn.rope import rope_1d, rope_angles
 from pretzel_jax.nn.sharding import constrain, param
 
@@ -286,7 +294,7 @@ class PatchMerger(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.ln_q(x).reshape(-1, self.wide)
-        return self.fc2(jax.nn.gelu(self.fc1(h), approximate=False))
+        return self.fc2(gelu(self.fc1(h)))
 
 
 class VisionTower(nnx.Module):
