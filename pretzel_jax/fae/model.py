@@ -81,6 +81,7 @@ class FAEConfig:
     gan_weight: float = 0.0  # > 0 adds a small patch discriminator (hinge loss)
     gan_width: int = 32
     remat: str = "none"
+    unroll_layers: bool = False  # the decoders' layer stacks unrolled (TransformerConfig)
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
 
@@ -121,6 +122,7 @@ class FAEConfig:
             head_dim=width // heads,
             mlp_hidden=self.mlp_ratio * width,
             remat=self.remat,
+            unroll_layers=self.unroll_layers,
             param_dtype=self.param_dtype,
             compute_dtype=self.compute_dtype,
         )
