@@ -1,4 +1,5 @@
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from pretzel_jax.nn import (
     TransformerConfig,
     apply_rope,
     dot_product_attention,
+    gelu,
     make_mask,
     packed_mask,
     rope_1d,
@@ -291,3 +293,17 @@ def test_every_parameter_has_logical_axes_known_to_the_rules():
             assert axes is not None and len(axes) == var.ndim, path
             assert axes[0] == "layers", path
             logical_to_spec(axes, DEFAULT_RULES)  # raises on an unknown name
+
+
+def test_gelu_is_the_exact_erf_gelu():
+    """nn.gelu (torch's erf formula) against the erfc form of jax.nn.gelu and against
+    float64: rounding apart, both exact; the tanh approximation is not."""
+    x = jnp.linspace(-12.0, 12.0, 4001, dtype=jnp.float32)
+    truth = np.array([0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x.tolist()])
+    ours = np.asarray(gelu(x), np.float64)
+    np.testing.assert_allclose(ours, np.asarray(jax.nn.gelu(x, approximate=False)), atol=2e-6)
+    np.testing.assert_allclose(ours, truth, atol=2e-6)
+    assert np.abs(np.asarray(jax.nn.gelu(x, approximate=True)) - truth).max() > 1e-4
+    g = jax.vmap(jax.grad(gelu))(x)
+    g_ref = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=2e-6)
